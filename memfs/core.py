@@ -1,0 +1,289 @@
+"""Python face of the native pager core (native/core, bound as memfs._core).
+
+`NativeSession` owns one C session: its page tables, its fault thread and
+its share of the store.  Its methods are synchronous and thread-safe (the
+C side locks); the ones that may take long (compress, restore, register,
+read_data) are meant to be called through `trio.to_thread.run_sync`, and
+cffi drops the GIL for every C call, so they run beside the event loop.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from ._core import ffi, lib
+
+PAGE_SIZE = lib.MC_PAGE_SIZE
+STATES = ("untouched", "resident", "clean", "compressed", "zero", "evicting")
+STATE_BITS = {name: 1 << i for i, name in enumerate(STATES)}
+FLAGS = {"same": lib.MC_PF_SAME, "compressing": lib.MC_PF_COMPRESSING, "held": lib.MC_PF_HELD,
+         "prefetched": lib.MC_PF_PREFETCHED, "prefetch_pending": lib.MC_PF_PREFETCH_PENDING,
+         "incompressible": lib.MC_PF_INCOMPRESSIBLE, "accessed": lib.MC_PF_ACCESSED}
+CODECS = {"lz4": lib.MC_CODEC_LZ4, "lz4hc": lib.MC_CODEC_LZ4HC, "lz4fast": lib.MC_CODEC_LZ4FAST}
+TRACE_KINDS = {lib.MC_TR_FAULT: "fault", lib.MC_TR_ZEROFILL: "zerofill", lib.MC_TR_WRITE: "write",
+               lib.MC_TR_HELD: "held", lib.MC_TR_RELEASE: "release", lib.MC_TR_EVICT: "evict",
+               lib.MC_TR_PREFETCH: "prefetch", lib.MC_TR_COMPRESS: "compress",
+               lib.MC_TR_REMOVE: "remove", lib.MC_TR_UNMAP: "unmap", lib.MC_TR_REMAP: "remap",
+               lib.MC_TR_FAIL: "fail", lib.MC_TR_READAHEAD: "readahead"}
+COUNTER_NAMES = tuple(name for name, _ in ffi.typeof("struct mc_counters").fields)
+STORE_STAT_NAMES = tuple(name for name, _ in ffi.typeof("struct mc_store_stats").fields)
+TUNABLE_NAMES = tuple(name for name, _ in ffi.typeof("struct mc_tunables").fields)
+HIST_BUCKETS = lib.MC_HIST_BUCKETS
+# The cffi modules are opened by a Python thread that may later exit; the
+# fault threads are the C library's own, so nothing here is tied to one.
+
+
+def check(rc: int, what: str) -> int:
+    if rc < 0:
+        raise OSError(-rc, f"{what}: {os.strerror(-rc)}")
+    return rc
+
+
+@dataclass
+class OpResult:
+    """What an operation did, in pages."""
+    seen: int = 0
+    done: int = 0
+    skipped: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def add(self, res) -> None:
+        """Add a native struct mc_op_result."""
+        self.seen += res.pages_seen
+        self.done += res.pages_done
+        self.skipped += res.pages_skipped
+        self.bytes_in += res.bytes_in
+        self.bytes_out += res.bytes_out
+
+    def merge(self, other: "OpResult") -> None:
+        self.seen += other.seen
+        self.done += other.done
+        self.skipped += other.skipped
+        self.bytes_in += other.bytes_in
+        self.bytes_out += other.bytes_out
+
+
+@dataclass
+class RangeInfo:
+    index: int
+    start: int
+    npages: int
+    pages_in: dict[str, int]
+    bytes_compressed: int
+
+    @property
+    def length(self) -> int:
+        return self.npages * PAGE_SIZE
+
+
+Run = tuple[int, int, int]  # (range index, first page, page count)
+
+
+def runs_array(runs: list[Run]):
+    arr = ffi.new("struct mc_run[]", max(1, len(runs)))
+    for i, (r, first, count) in enumerate(runs):
+        arr[i].range, arr[i].first, arr[i].count = r, first, count
+    return arr
+
+
+def set_tunables(**values: int) -> None:
+    t = ffi.new("struct mc_tunables *")
+    lib.mc_get_tunables(t)
+    for k, v in values.items():
+        setattr(t, k, int(v))
+    lib.mc_set_tunables(t)
+
+
+def get_tunables() -> dict[str, int]:
+    t = ffi.new("struct mc_tunables *")
+    lib.mc_get_tunables(t)
+    return {k: getattr(t, k) for k in TUNABLE_NAMES}
+
+
+def store_stats() -> dict[str, int]:
+    st = ffi.new("struct mc_store_stats *")
+    lib.mc_store_get_stats(st)
+    return {k: getattr(st, k) for k in STORE_STAT_NAMES}
+
+
+def now_ms() -> int:
+    return lib.mc_now_ms()
+
+
+def percentile_ns(hist: list[int], q: float) -> int:
+    """Upper bound of the histogram bucket holding quantile q (0..1)."""
+    total = sum(hist)
+    if not total:
+        return 0
+    want, acc = q * total, 0
+    for b, n in enumerate(hist):
+        acc += n
+        if acc >= want and n:
+            return bucket_upper_ns(b)
+    return bucket_upper_ns(len(hist) - 1)
+
+
+def bucket_upper_ns(b: int) -> int:
+    if b < 8:
+        return b
+    msb, sub = divmod(b, 8)
+    return ((8 + sub + 1) << (msb - 3)) - 1
+
+
+class NativeSession:
+    """One target's pager state in the native core."""
+
+    def __init__(self, uffd: int, pid: int, ranges: list[tuple[int, int]]):
+        """Takes ownership of `uffd` on success."""
+        addrs = ffi.new("uint64_t[]", [a for a, _ in ranges])
+        lengths = ffi.new("uint64_t[]", [n for _, n in ranges])
+        err = ffi.new("int *")
+        self._s = lib.mc_session_new(uffd, pid, len(ranges), addrs, lengths, err)
+        if self._s == ffi.NULL:
+            raise OSError(err[0], f"creating the session: {os.strerror(err[0])}")
+        self.nranges = len(ranges)
+        self._started = False
+
+    # -- lifecycle --------------------------------------------------------
+    def register(self) -> None:
+        buf = ffi.new("char[]", 512)
+        rc = lib.mc_session_register(self._s, buf, 512)
+        if rc < 0:
+            raise OSError(-rc, ffi.string(buf).decode(errors="replace") or os.strerror(-rc))
+
+    def start(self) -> None:
+        check(lib.mc_session_start(self._s), "starting the fault thread")
+        self._started = True
+
+    def stop(self) -> None:
+        lib.mc_session_stop(self._s)
+
+    def unregister(self) -> int:
+        return lib.mc_session_unregister(self._s)
+
+    def free(self) -> None:
+        """Stop the fault thread, free the page tables and every copy, close the uffd."""
+        if self._s != ffi.NULL:
+            lib.mc_session_free(self._s)
+            self._s = ffi.NULL
+
+    @property
+    def notify_fd(self) -> int:
+        return lib.mc_session_notify_fd(self._s)
+
+    def arm_notify(self) -> None:
+        lib.mc_session_arm_notify(self._s)
+
+    @property
+    def dead(self) -> bool:
+        return bool(lib.mc_session_dead(self._s))
+
+    # -- numbers -------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        c = ffi.new("struct mc_counters *")
+        lib.mc_session_counters(self._s, c)
+        return {k: getattr(c, k) for k in COUNTER_NAMES}
+
+    def histogram(self) -> list[int]:
+        h = ffi.new("uint64_t[]", HIST_BUCKETS)
+        lib.mc_session_hist(self._s, h)
+        return list(h)
+
+    def range_info(self, index: int) -> RangeInfo:
+        info = ffi.new("struct mc_range_info *")
+        check(lib.mc_range_get(self._s, index, info), "range")
+        return RangeInfo(index, info.start, info.npages,
+                         {name: info.nstate[i] for i, name in enumerate(STATES)},
+                         info.bytes_compressed)
+
+    def ranges(self) -> list[RangeInfo]:
+        return [self.range_info(i) for i in range(self.nranges)]
+
+    def addr_to_page(self, addr: int) -> tuple[int, int]:
+        r = ffi.new("uint32_t *")
+        p = ffi.new("uint64_t *")
+        check(lib.mc_addr_to_page(self._s, addr, r, p), f"address 0x{addr:x}")
+        return r[0], p[0]
+
+    # -- operations (call from a worker thread) ------------------------------
+    def compress(self, runs: list[Run], for_evict: bool = False) -> OpResult:
+        res = ffi.new("struct mc_op_result *")
+        out = OpResult()
+        rc = lib.mc_compress(self._s, runs_array(runs), len(runs),
+                             lib.MC_COMPRESS_FOR_EVICT if for_evict else 0, res)
+        out.add(res)
+        check(rc, "compress")
+        return out
+
+    def evict_prepare(self, runs: list[Run], cap: int) -> tuple[list[tuple[int, int]], OpResult]:
+        res = ffi.new("struct mc_op_result *")
+        out = ffi.new("struct mc_addr_run[]", max(1, cap))
+        n = check(lib.mc_evict_prepare(self._s, runs_array(runs), len(runs), out, cap, res), "evict")
+        r = OpResult()
+        r.add(res)
+        return [(out[i].addr, out[i].length) for i in range(n)], r
+
+    def evict_complete(self, addr_runs: list[tuple[int, int]], status: int) -> OpResult:
+        arr = ffi.new("struct mc_addr_run[]", max(1, len(addr_runs)))
+        for i, (a, n) in enumerate(addr_runs):
+            arr[i].addr, arr[i].length = a, n
+        res = ffi.new("struct mc_op_result *")
+        lib.mc_evict_complete(self._s, arr, len(addr_runs), status, res)
+        r = OpResult()
+        r.add(res)
+        return r
+
+    def restore(self, runs: list[Run], final: bool = False, verify: bool = False) -> OpResult:
+        res = ffi.new("struct mc_op_result *")
+        flags = (lib.MC_RESTORE_FINAL if final else 0) | (lib.MC_RESTORE_VERIFY if verify else 0)
+        rc = lib.mc_restore(self._s, runs_array(runs), len(runs), flags, res)
+        out = OpResult()
+        out.add(res)
+        check(rc, "restore")
+        return out
+
+    def mark_prefetch(self, runs: list[Run]) -> None:
+        check(lib.mc_mark_prefetch(self._s, runs_array(runs), len(runs)), "prefetch")
+
+    # -- inspection ------------------------------------------------------------
+    def select(self, range_index: int | None, states: int, min_age_ms: int = 0,
+               max_pages: int = 0, order: int = 0) -> tuple[list[Run], int]:
+        """Runs of pages in `states` (a STATE_BITS mask) idle >= min_age_ms; with
+        max_pages, order > 0 takes the oldest first, < 0 the youngest first."""
+        cap = 4096
+        while True:
+            out = ffi.new("struct mc_run[]", cap)
+            npages = ffi.new("uint64_t *")
+            n = check(lib.mc_select(self._s, -1 if range_index is None else range_index, states,
+                                    min_age_ms, max_pages, order, out, cap,
+                                    npages), "select")
+            if n < cap:
+                return [(out[i].range, out[i].first, out[i].count) for i in range(n)], npages[0]
+            cap *= 4
+
+    def page_info(self, range_index: int, first: int, count: int):
+        out = ffi.new("struct mc_page_info[]", max(1, count))
+        check(lib.mc_page_info(self._s, range_index, first, count, out), "pages")
+        return out
+
+    def read_data(self, range_index: int, first: int, count: int) -> bytes:
+        buf = ffi.new("char[]", count * PAGE_SIZE)
+        check(lib.mc_read_data(self._s, range_index, first, count, buf), "data")
+        return ffi.buffer(buf)[:]
+
+    def trace_read(self, cursor: int, cap: int = 256):
+        """(events, new cursor, missed) from the session's trace ring."""
+        cur = ffi.new("uint64_t *", cursor)
+        missed = ffi.new("uint64_t *")
+        out = ffi.new("struct mc_trace_event[]", cap)
+        n = lib.mc_trace_read(self._s, cur, out, cap, missed)
+        events = [(out[i].seq, out[i].ts_ns, TRACE_KINDS.get(out[i].kind, str(out[i].kind)),
+                   out[i].range, out[i].page, out[i].count, out[i].latency_ns, out[i].tid)
+                  for i in range(n)]
+        return events, cur[0], missed[0]
+
+
+def errno_name(e: int) -> str:
+    return errno.errorcode.get(e, str(e))

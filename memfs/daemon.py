@@ -1,0 +1,153 @@
+"""The daemon: listens for targets, owns every session's task.
+
+One nursery owns the daemon's tasks: the accept loop, one task per
+connection (a `Session`), and whatever is attached later (the filesystem,
+the policy).  Each session cleans up after itself (session.py); shutdown
+asks every live session to end gracefully, which gives each target its
+pages back before the daemon exits.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import time
+from collections import Counter
+
+import trio
+
+from . import core, protocol
+from .events import EventCounts
+from .session import Session
+
+log = logging.getLogger("memfs.daemon")
+
+GLOBAL_EVENTS = ("sessions_started", "sessions_ended", "sessions_refused")
+SHUTDOWN_SECONDS = 60
+# Counters that are levels, not totals: an ended session stops contributing.
+LEVEL_COUNTERS = {"store_pages", "store_bytes_logical", "store_bytes_compressed",
+                  "store_bytes_used", "store_bytes_peak", "fault_latency_ns_max"}
+
+
+class Daemon:
+    def __init__(self, socket_path: str = protocol.DEFAULT_SOCKET):
+        self.socket_path = socket_path
+        self.sessions: dict[int, Session] = {}
+        self.sessions_total = 0
+        self._next_id = 1
+        self.limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        self.ended_totals: Counter = Counter()
+        self.ended_latency_max = 0
+        self.events = EventCounts(GLOBAL_EVENTS)
+        self.started = time.time()
+        self._nursery: trio.Nursery | None = None
+        self._session_done = trio.Event()
+
+    # -- sessions -----------------------------------------------------------------
+    def add_session(self, s: Session) -> int:
+        sid = self._next_id
+        self._next_id += 1
+        self.sessions[sid] = s
+        self.sessions_total += 1
+        self.events.bump("sessions_started")
+        return sid
+
+    def remove_session(self, s: Session) -> None:
+        if self.sessions.pop(s.id, None) is None:
+            return
+        for k, v in s.final_counters.items():
+            if k not in LEVEL_COUNTERS:
+                self.ended_totals[k] += v
+        self.ended_latency_max = max(self.ended_latency_max, s.final_counters.get("fault_latency_ns_max", 0))
+        self.events.bump("sessions_ended")
+        done, self._session_done = self._session_done, trio.Event()
+        done.set()
+
+    def counters(self) -> dict[str, int]:
+        """Daemon-wide counters: totals over all sessions ever, levels over live ones."""
+        out: Counter = Counter(self.ended_totals)
+        latency_max = self.ended_latency_max
+        for s in list(self.sessions.values()):
+            for k, v in s.counters().items():
+                if k == "fault_latency_ns_max":
+                    latency_max = max(latency_max, v)
+                else:
+                    out[k] += v
+        out["fault_latency_ns_max"] = latency_max
+        st = core.store_stats()
+        result = {"sessions_active": len(self.sessions), "sessions_total": self.sessions_total}
+        result.update({k: out.get(k, 0) for k in core.COUNTER_NAMES if k != "store_bytes_peak"})
+        result["store_bytes_logical"] = out.get("store_bytes_logical", 0)
+        result["store_bytes_compressed"] = st["bytes_compressed"]
+        result["store_bytes_used"] = st["bytes_used"]
+        result["store_bytes_peak"] = st["bytes_peak"]
+        result["store_blobs"] = st["blobs"]
+        return result
+
+    # -- serving --------------------------------------------------------------------------
+    async def _listen(self) -> trio.socket.SocketType:
+        path = self.socket_path
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        if os.path.exists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+                raise OSError(errno.EADDRINUSE, f"another memfs daemon is listening on {path}")
+            except (ConnectionRefusedError, FileNotFoundError):
+                log.info("removing stale socket %s", path)
+                os.unlink(path)
+            finally:
+                probe.close()
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        await sock.bind(path)
+        os.chmod(path, 0o666)  # any user may connect: peers are identified by SO_PEERCRED
+        sock.listen(128)
+        return sock
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listener = await self._listen()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._accept_loop, listener)
+                log.info("listening on %s", self.socket_path)
+                task_status.started(self)
+        finally:
+            listener.close()
+            try:
+                os.unlink(self.socket_path)
+            except OSError:
+                pass
+
+    async def _accept_loop(self, listener) -> None:
+        while True:
+            conn, _ = await listener.accept()
+            self._nursery.start_soon(self._serve_connection, conn)
+
+    async def _serve_connection(self, conn) -> None:
+        session = Session(self, conn)
+        with conn:
+            try:
+                await session.run()
+            except Exception:
+                # a bug must cost one session, never the daemon
+                log.exception("%s failed", session)
+                self.remove_session(session)
+
+    def start_soon(self, fn, *args) -> None:
+        """Run a task in the daemon's nursery (for components attached later)."""
+        self._nursery.start_soon(fn, *args)
+
+    async def shutdown(self) -> None:
+        """End every session gracefully (targets get their pages back), then stop."""
+        for s in list(self.sessions.values()):
+            s.end("shutdown", reason="daemon shutting down")
+        with trio.move_on_after(SHUTDOWN_SECONDS):
+            while self.sessions:
+                await self._session_done.wait()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()

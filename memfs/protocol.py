@@ -1,0 +1,202 @@
+"""Protocol v1 between a target and the daemon: framing and validation.
+
+The wire format is specified in native/include/predicomp_proto.h (the C
+client includes it); this module mirrors it for the daemon, and
+tests/test_protocol.py checks the two agree.  Nothing here does I/O:
+`FrameReader` turns received bytes and file descriptors into `Frame`s,
+the encode_* functions build replies.  Any violation raises
+`ProtocolError` carrying the errno to send back in ERR.
+"""
+from __future__ import annotations
+
+import errno
+import struct
+from dataclasses import dataclass, field
+
+MAGIC = 0x50434D50
+VERSION = 1
+HEADER = struct.Struct("=IHHII")  # magic, version, type, length, seq
+HEADER_SIZE = HEADER.size
+MAX_PAYLOAD = 65536
+MAX_RANGES = 1024
+MAX_ERR_TEXT = 1024
+DEFAULT_SOCKET = "/run/memfs/memfs.sock"
+PAGE_SIZE = 4096
+
+HELLO, RANGE, START, STOP, PREFETCH, EVICT_DONE = 1, 2, 3, 4, 5, 6
+ACK, ERR, EVICT = 64, 65, 66
+NAMES = {HELLO: "HELLO", RANGE: "RANGE", START: "START", STOP: "STOP",
+         PREFETCH: "PREFETCH", EVICT_DONE: "EVICT_DONE", ACK: "ACK", ERR: "ERR",
+         EVICT: "EVICT"}
+
+CAP_AGENT = 0x1
+CAP_PREFETCH = 0x2
+RANGE_ANON_PRIVATE = 0x1
+RANGE_WRITABLE = 0x2
+
+HELLO_BODY = struct.Struct("=IIQII")  # pid, nranges, caps, page_size, reserved
+RANGE_BODY = struct.Struct("=QQII")  # addr, length, flags, index
+START_BODY = struct.Struct("=Q")  # uffd_features
+PREFETCH_BODY = struct.Struct("=QQ")  # addr, length
+ACK_BODY = struct.Struct("=IIQ")  # acked_type, acked_seq, value
+ERR_BODY = struct.Struct("=iIII")  # err, acked_seq, text_len, reserved
+ADDR_RUN = struct.Struct("=QQ")
+EVICT_BODY = struct.Struct("=QII")  # request_id, nruns, flags
+EVICT_DONE_BODY = struct.Struct("=QiIQ")  # request_id, status, reserved, bytes_done
+EVICT_MAX_RUNS = (MAX_PAYLOAD - EVICT_BODY.size) // ADDR_RUN.size
+
+
+class ProtocolError(Exception):
+    """A message broke the protocol; `err` is the errno for the ERR reply."""
+
+    def __init__(self, err: int, text: str, seq: int = 0):
+        super().__init__(text)
+        self.err = err
+        self.text = text
+        self.seq = seq
+
+
+@dataclass
+class Hello:
+    pid: int
+    nranges: int
+    caps: int
+
+
+@dataclass
+class Range:
+    addr: int
+    length: int
+    flags: int
+    index: int
+
+
+@dataclass
+class Start:
+    uffd_features: int
+    fd: int
+
+
+@dataclass
+class Prefetch:
+    addr: int
+    length: int
+
+
+@dataclass
+class EvictDone:
+    request_id: int
+    status: int
+    bytes_done: int
+
+
+@dataclass
+class Frame:
+    type: int
+    seq: int
+    body: object = None
+
+
+def _exact(payload: bytes, st: struct.Struct, name: str, seq: int) -> tuple:
+    if len(payload) != st.size:
+        raise ProtocolError(errno.EINVAL, f"{name}: payload is {len(payload)} bytes, expected {st.size}", seq)
+    return st.unpack(payload)
+
+
+def decode_body(ftype: int, seq: int, payload: bytes, fds: list[int]) -> Frame:
+    """Validate one frame's payload; START takes its fd from `fds`."""
+    if ftype == HELLO:
+        pid, nranges, caps, page_size, reserved = _exact(payload, HELLO_BODY, "HELLO", seq)
+        if page_size != PAGE_SIZE:
+            raise ProtocolError(errno.EINVAL, f"HELLO: page size {page_size}, only {PAGE_SIZE} is supported", seq)
+        if not 1 <= nranges <= MAX_RANGES:
+            raise ProtocolError(errno.EINVAL, f"HELLO: {nranges} ranges, must be 1..{MAX_RANGES}", seq)
+        if reserved or caps & ~(CAP_AGENT | CAP_PREFETCH):
+            raise ProtocolError(errno.EINVAL, f"HELLO: unknown capability bits 0x{caps:x}", seq)
+        return Frame(ftype, seq, Hello(pid, nranges, caps))
+    if ftype == RANGE:
+        addr, length, flags, index = _exact(payload, RANGE_BODY, "RANGE", seq)
+        return Frame(ftype, seq, Range(addr, length, flags, index))
+    if ftype == START:
+        (features,) = _exact(payload, START_BODY, "START", seq)
+        if not fds:
+            raise ProtocolError(errno.EBADF, "START without a userfaultfd (SCM_RIGHTS)", seq)
+        return Frame(ftype, seq, Start(features, fds.pop(0)))
+    if ftype == STOP:
+        if payload:
+            raise ProtocolError(errno.EINVAL, "STOP carries no payload", seq)
+        return Frame(ftype, seq)
+    if ftype == PREFETCH:
+        addr, length = _exact(payload, PREFETCH_BODY, "PREFETCH", seq)
+        return Frame(ftype, seq, Prefetch(addr, length))
+    if ftype == EVICT_DONE:
+        rid, status, _, done = _exact(payload, EVICT_DONE_BODY, "EVICT_DONE", seq)
+        return Frame(ftype, seq, EvictDone(rid, status, done))
+    raise ProtocolError(errno.EPROTO, f"unknown message type {ftype}", seq)
+
+
+@dataclass
+class FrameReader:
+    """Accumulates received bytes and fds; yields complete, validated frames."""
+
+    buf: bytearray = field(default_factory=bytearray)
+    fds: list[int] = field(default_factory=list)
+
+    def feed(self, data: bytes, fds: list[int] = ()) -> None:
+        self.buf += data
+        self.fds.extend(fds)
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, or None until more bytes arrive."""
+        if len(self.buf) < HEADER_SIZE:
+            # An fd arrives with the bytes of the frame it rides on, together
+            # with the frames received before it; with no frame incomplete, an
+            # fd left over was attached to a frame that takes none.
+            if not self.buf and self.fds:
+                raise ProtocolError(errno.EINVAL, "file descriptor attached to a message that takes none")
+            return None
+        magic, version, ftype, length, seq = HEADER.unpack_from(self.buf)
+        if magic != MAGIC:
+            raise ProtocolError(errno.EPROTO, f"bad magic 0x{magic:08x}: not a memfs client")
+        if version != VERSION:
+            raise ProtocolError(errno.EPROTONOSUPPORT, f"protocol version {version}, this daemon speaks {VERSION}", seq)
+        if length > MAX_PAYLOAD:
+            raise ProtocolError(errno.EMSGSIZE, f"{NAMES.get(ftype, ftype)}: payload of {length} bytes exceeds {MAX_PAYLOAD}", seq)
+        if len(self.buf) < HEADER_SIZE + length:
+            return None
+        payload = bytes(self.buf[HEADER_SIZE:HEADER_SIZE + length])
+        del self.buf[:HEADER_SIZE + length]
+        return decode_body(ftype, seq, payload, self.fds)
+
+    def pending(self) -> int:
+        """Bytes of an incomplete frame still waiting for the rest."""
+        return len(self.buf)
+
+    def close_fds(self) -> None:
+        import os
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds.clear()
+
+
+def frame(ftype: int, seq: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(MAGIC, VERSION, ftype, len(payload), seq) + payload
+
+
+def encode_ack(seq: int, acked_type: int, acked_seq: int, value: int = 0) -> bytes:
+    return frame(ACK, seq, ACK_BODY.pack(acked_type, acked_seq, value))
+
+
+def encode_err(seq: int, err: int, text: str, acked_seq: int = 0) -> bytes:
+    data = text.encode("utf-8", "replace")[:MAX_ERR_TEXT]
+    return frame(ERR, seq, ERR_BODY.pack(err, acked_seq, len(data), 0) + data)
+
+
+def encode_evict(seq: int, request_id: int, runs: list[tuple[int, int]]) -> bytes:
+    if len(runs) > EVICT_MAX_RUNS:
+        raise ValueError("too many runs for one EVICT")
+    body = EVICT_BODY.pack(request_id, len(runs), 0) + b"".join(ADDR_RUN.pack(a, n) for a, n in runs)
+    return frame(EVICT, seq, body)

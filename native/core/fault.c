@@ -1,0 +1,393 @@
+/*
+ * fault.c - the fault service: one thread per session reads the target's
+ * userfaultfd and answers every message.
+ *
+ * Missing fault on an evicted page: restore it (a read keeps it tracked,
+ * a write takes it writable).  Missing fault on untouched memory: map
+ * zeros, with the neighbours that are untouched too.  Write-protect
+ * fault: the page is being dirtied, so its copy is dropped and the
+ * protection lifted, except while the page is being evicted: then the
+ * write is held (not answered) until the agent has freed the page, and
+ * released by restoring the page writable with the saved contents, on
+ * which the write then lands.  REMOVE/UNMAP/REMAP events keep the page
+ * tables true to what the target did to its own memory.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define MSG_BATCH 64
+#define RETRY_CAP 1024
+#define SCRATCH_PAGES 257 /* the faulting page and the largest readahead */
+
+struct retry {
+	uint64_t addr, flags, t0;
+	uint32_t tid;
+};
+
+struct fault_ctx {
+	struct mc_session *s;
+	uint8_t *scratch;
+	struct retry retry[RETRY_CAP];
+	unsigned nretry;
+};
+
+static void wake(struct mc_session *s, uint64_t addr, uint64_t len)
+{
+	struct uffdio_range r = {.start = addr, .len = len};
+	uffd_ioctl(s, UFFDIO_WAKE, &r);
+}
+
+/* First touch of untouched memory: zeros, for the untouched neighbours too. */
+static int first_touch(struct mc_session *s, struct range *r, uint64_t idx, bool write,
+		       uint8_t *scratch)
+{
+	uint64_t w = tun.faultaround_pages ? tun.faultaround_pages : 1;
+	uint64_t lo = idx - idx % w, hi = lo + w, a, b;
+	uint64_t addr = r->start + (idx << PAGE_SHIFT);
+	int64_t done;
+	int rc;
+
+	if (hi > r->npages)
+		hi = r->npages;
+	for (a = idx; a > lo && r->pages[a - 1].state == MC_UNTOUCHED; a--)
+		;
+	for (b = idx + 1; b < hi && r->pages[b].state == MC_UNTOUCHED; b++)
+		;
+	if (write) {
+		/* the writer gets a real page at once; its neighbours share the zero page */
+		memset(scratch, 0, PAGE);
+		rc = copy_pages(s, addr, scratch, PAGE, false, &done);
+		if (rc)
+			return rc;
+		set_state(r, &r->pages[idx], MC_RESIDENT);
+		done = 0;
+		if (a < idx)
+			zero_pages(s, r->start + (a << PAGE_SHIFT), (idx - a) << PAGE_SHIFT, &done);
+		for (uint64_t k = a; k < a + ((uint64_t)done >> PAGE_SHIFT); k++)
+			set_state(r, &r->pages[k], MC_RESIDENT);
+		done = 0;
+		if (idx + 1 < b)
+			zero_pages(s, addr + PAGE, (b - idx - 1) << PAGE_SHIFT, &done);
+		for (uint64_t k = idx + 1; k < idx + 1 + ((uint64_t)done >> PAGE_SHIFT); k++)
+			set_state(r, &r->pages[k], MC_RESIDENT);
+	} else {
+		rc = zero_pages(s, r->start + (a << PAGE_SHIFT), (b - a) << PAGE_SHIFT, &done);
+		for (uint64_t k = a; k < a + ((uint64_t)done >> PAGE_SHIFT); k++)
+			set_state(r, &r->pages[k], MC_RESIDENT);
+		if (rc && r->pages[idx].state != MC_RESIDENT)
+			return rc;
+	}
+	s->c.faultaround_pages += b - a - 1;
+	return 0;
+}
+
+/*
+ * Sequential faults on evicted pages pull the next pages in after the
+ * faulting one is served, in a window that doubles while the pattern
+ * holds (as the kernel's readahead does).
+ */
+static void readahead(struct mc_session *s, struct range *r, uint64_t idx, uint8_t *scratch)
+{
+	uint64_t addr = r->start + (idx << PAGE_SHIFT), n;
+	uint32_t max = tun.readahead_max_pages;
+
+	if (max > SCRATCH_PAGES - 1)
+		max = SCRATCH_PAGES - 1;
+	if (!max) {
+		s->ra_window = 0;
+		return;
+	}
+	if (addr == s->last_fault_addr + PAGE || (s->ra_window && addr == s->ra_expect))
+		s->ra_window = s->ra_window ? (s->ra_window * 2 > max ? max : s->ra_window * 2)
+					    : (max < 4 ? max : 4);
+	else
+		s->ra_window = 0;
+	s->last_fault_addr = addr;
+	s->ra_expect = addr + PAGE;
+	if (!s->ra_window || idx + 1 >= r->npages)
+		return;
+	n = r->npages - idx - 1 < s->ra_window ? r->npages - idx - 1 : s->ra_window;
+	n = restore_run(s, r, idx + 1, n, false, scratch);
+	s->c.readahead_pages += n;
+	s->ra_expect = addr + PAGE + (s->ra_window << PAGE_SHIFT);
+	if (n)
+		trace_add(s, MC_TR_READAHEAD, r->index, idx + 1, n, 0, 0);
+}
+
+/* Serve one page fault (s->lock held); returns -EAGAIN when it must be tried again later. */
+static int serve_fault(struct fault_ctx *fc, uint64_t fault_addr, uint64_t flags, uint32_t tid,
+		       uint64_t t0)
+{
+	struct mc_session *s = fc->s;
+	uint64_t addr = fault_addr & ~(uint64_t)(PAGE - 1), idx;
+	bool held = false;
+	uint16_t kind = 0;
+	struct range *r;
+	struct page *p;
+	int rc = 0;
+
+	r = range_of(s, addr);
+	if (!r) {
+		s->c.anomalies++;
+		wake(s, addr, PAGE);
+		return 0;
+	}
+	idx = (addr - r->start) >> PAGE_SHIFT;
+	p = &r->pages[idx];
+	p->stamp_ms = (uint32_t)(t0 / 1000000u);
+
+	if (flags & UFFD_PAGEFAULT_FLAG_WP) {
+		s->c.faults_wp++;
+		if (p->flags & MC_PF_PREFETCHED)
+			s->c.prefetch_hits++;
+		p->flags &= (uint8_t)~(MC_PF_PREFETCHED | MC_PF_INCOMPRESSIBLE | MC_PF_COMPRESSING);
+		if (p->state == MC_EVICTING && !tun.debug_unsafe_evict) {
+			/* the agent may be dropping this page right now: the write must wait */
+			p->flags |= MC_PF_HELD;
+			s->c.faults_held++;
+			held = true;
+			kind = MC_TR_HELD;
+		} else {
+			/* (with debug_unsafe_evict an EVICTING page keeps its stale copy: the bug on purpose) */
+			if (p->state == MC_CLEAN) {
+				drop_copy(s, r, p);
+				set_state(r, p, MC_RESIDENT);
+			}
+			rc = wp_range(s, addr, PAGE, false);
+			kind = MC_TR_WRITE;
+		}
+	} else {
+		bool write = flags & UFFD_PAGEFAULT_FLAG_WRITE;
+		s->c.faults_missing++;
+		if (p->flags & MC_PF_PREFETCH_PENDING)
+			s->c.prefetch_misses++;
+		p->flags &= (uint8_t)~(MC_PF_PREFETCH_PENDING | MC_PF_PREFETCHED);
+		switch (p->state) {
+		case MC_COMPRESSED:
+		case MC_EVICTING: /* the agent dropped it already; the copy is good */
+		case MC_ZERO:
+			kind = p->state == MC_ZERO ? MC_TR_ZEROFILL : MC_TR_FAULT;
+			rc = restore_page(s, r, idx, write, fc->scratch);
+			if (!rc) {
+				p->flags &= (uint8_t)~MC_PF_HELD; /* the copy woke any held writer */
+				if (kind == MC_TR_FAULT)
+					readahead(s, r, idx, fc->scratch);
+			}
+			break;
+		case MC_UNTOUCHED:
+			rc = first_touch(s, r, idx, write, fc->scratch);
+			break;
+		default: {
+			/*
+			 * Present as far as we know: usually a stale fault that a
+			 * prefetch or another thread's fault already answered (then
+			 * the page is there: EEXIST, and the thread just retries).
+			 * Really missing means it was dropped behind our back.
+			 */
+			int64_t done;
+			rc = zero_pages(s, addr, PAGE, &done);
+			if (!rc) {
+				s->c.anomalies++;
+				drop_copy(s, r, p);
+				set_state(r, p, MC_RESIDENT);
+			}
+			break;
+		}
+		}
+	}
+	if (rc == -EEXIST) {
+		/* someone else put the page there: let the faulting thread retry */
+		wake(s, addr, PAGE);
+		rc = 0;
+	}
+	if (rc != -EAGAIN && !held) {
+		uint64_t ns = now_ns() - t0;
+		hist_add(s, ns);
+		if (kind)
+			trace_add(s, kind, r->index, idx, 1, ns, tid);
+	} else if (held) {
+		trace_add(s, MC_TR_HELD, r->index, idx, 1, 0, tid);
+	}
+	return rc == -EAGAIN ? -EAGAIN : 0;
+}
+
+/* The target removed or unmapped [start, end) itself: those pages read as zeros now. */
+static void forget_pages(struct mc_session *s, uint64_t start, uint64_t end, bool unmap)
+{
+	if (unmap)
+		s->c.events_unmap++;
+	else
+		s->c.events_remove++;
+	for (uint32_t i = 0; i < s->nranges; i++) {
+		struct range *r = &s->ranges[i];
+		uint64_t rend = r->start + (r->npages << PAGE_SHIFT);
+		uint64_t lo = start > r->start ? start : r->start, hi = end < rend ? end : rend;
+		uint64_t n = 0;
+		if (lo >= hi)
+			continue;
+		for (uint64_t a = lo & ~(uint64_t)(PAGE - 1); a < hi; a += PAGE) {
+			uint64_t idx = (a - r->start) >> PAGE_SHIFT;
+			struct page *p = &r->pages[idx];
+			/* an EVICTING page is being dropped by our own agent: that REMOVE is ours */
+			if (p->state == MC_EVICTING && !unmap)
+				continue;
+			if (p->flags & MC_PF_HELD)
+				wake(s, a, PAGE);
+			drop_copy(s, r, p);
+			p->flags = 0;
+			set_state(r, p, MC_UNTOUCHED);
+			n++;
+		}
+		if (n)
+			trace_add(s, unmap ? MC_TR_UNMAP : MC_TR_REMOVE, r->index,
+				  (lo - r->start) >> PAGE_SHIFT, n, 0, 0);
+	}
+}
+
+static int cmp_start(const void *a, const void *b)
+{
+	const struct range *x = *(struct range *const *)a, *y = *(struct range *const *)b;
+	return x->start < y->start ? -1 : x->start > y->start;
+}
+
+/* mremap moved [from, from+len) to `to`: ranges inside it move along. */
+static void remap(struct mc_session *s, uint64_t from, uint64_t to, uint64_t len)
+{
+	s->c.events_remap++;
+	for (uint32_t i = 0; i < s->nranges; i++) {
+		struct range *r = &s->ranges[i];
+		uint64_t rend = r->start + (r->npages << PAGE_SHIFT);
+		if (r->start >= from && rend <= from + len) {
+			r->start = r->start - from + to;
+			trace_add(s, MC_TR_REMAP, r->index, 0, r->npages, 0, 0);
+		} else if (r->start < from + len && from < rend) {
+			s->c.anomalies++; /* part of a range moved: its pages there are lost to us */
+		}
+	}
+	qsort(s->by_addr, s->nranges, sizeof *s->by_addr, cmp_start);
+}
+
+static void handle_msg(struct fault_ctx *fc, const struct uffd_msg *m, uint64_t t0)
+{
+	struct mc_session *s = fc->s;
+	switch (m->event) {
+	case UFFD_EVENT_PAGEFAULT:
+		if (serve_fault(fc, m->arg.pagefault.address, m->arg.pagefault.flags,
+				m->arg.pagefault.feat.ptid, t0) == -EAGAIN &&
+		    fc->nretry < RETRY_CAP)
+			fc->retry[fc->nretry++] = (struct retry){.addr = m->arg.pagefault.address,
+								 .flags = m->arg.pagefault.flags,
+								 .t0 = t0,
+								 .tid = m->arg.pagefault.feat.ptid};
+		break;
+	case UFFD_EVENT_REMOVE:
+		forget_pages(s, m->arg.remove.start, m->arg.remove.end, false);
+		break;
+	case UFFD_EVENT_UNMAP:
+		forget_pages(s, m->arg.remove.start, m->arg.remove.end, true);
+		break;
+	case UFFD_EVENT_REMAP:
+		remap(s, m->arg.remap.from, m->arg.remap.to, m->arg.remap.len);
+		break;
+	case UFFD_EVENT_FORK:
+		close((int)m->arg.fork.ufd); /* not asked for; do not leak it */
+		break;
+	default:
+		s->c.anomalies++;
+		break;
+	}
+}
+
+/* Faults that met -EAGAIN (the target's layout was changing) go again. */
+static void retry_faults(struct fault_ctx *fc)
+{
+	unsigned n = fc->nretry;
+	fc->nretry = 0;
+	for (unsigned i = 0; i < n; i++) {
+		struct retry *t = &fc->retry[i];
+		if (serve_fault(fc, t->addr, t->flags, t->tid, t->t0) == -EAGAIN)
+			fc->retry[fc->nretry++] = *t;
+	}
+}
+
+/*
+ * Messages are read and handled under s->lock, as one step.  This matters
+ * for events: reading a REMOVE lets the madvise() that sent it go on (the
+ * agent's own, when evicting), and its answer could otherwise complete the
+ * eviction and see the pages restored before we handled the event, which
+ * would then forget pages that hold data again.
+ */
+static bool drain(struct fault_ctx *fc, struct uffd_msg *msgs, int *err)
+{
+	struct mc_session *s = fc->s;
+	ssize_t n;
+	pthread_mutex_lock(&s->lock);
+	n = read(s->uffd, msgs, MSG_BATCH * sizeof *msgs);
+	if (n > 0) {
+		uint64_t t0 = now_ns();
+		for (ssize_t i = 0; i < n / (ssize_t)sizeof *msgs; i++)
+			handle_msg(fc, &msgs[i], t0);
+	}
+	*err = n < 0 ? errno : 0;
+	if (fc->nretry)
+		retry_faults(fc);
+	pthread_mutex_unlock(&s->lock);
+	return n > 0;
+}
+
+void *fault_main(void *arg)
+{
+	struct mc_session *s = arg;
+	struct fault_ctx *fc = calloc(1, sizeof *fc);
+	struct uffd_msg msgs[MSG_BATCH];
+	uint64_t spin_until = 0;
+
+	if (!fc || !(fc->scratch = aligned_alloc(PAGE, SCRATCH_PAGES * PAGE))) {
+		free(fc);
+		atomic_store(&s->dead, 1);
+		notify(s);
+		return NULL;
+	}
+	fc->s = s;
+	while (!atomic_load(&s->stopping)) {
+		struct pollfd pfd[2] = {{.fd = s->uffd, .events = POLLIN},
+					{.fd = s->stop_fd, .events = POLLIN}};
+		int err = 0, timeout;
+		if (drain(fc, msgs, &err)) {
+			if (tun.spin_us)
+				spin_until = now_ns() + (uint64_t)tun.spin_us * 1000u;
+			continue;
+		}
+		if (err && err != EAGAIN && err != EINTR) {
+			atomic_store(&s->dead, 1);
+			notify(s);
+			break;
+		}
+		/* spin a while after a fault: the next one is likely soon */
+		timeout = fc->nretry ? 1 : -1;
+		if (spin_until) {
+			if (now_ns() < spin_until)
+				timeout = 0;
+			else
+				spin_until = 0;
+		}
+		if (poll(pfd, 2, timeout) < 0 && errno != EINTR)
+			break;
+		if (pfd[1].revents)
+			break;
+		if (pfd[0].revents & (POLLERR | POLLHUP | POLLNVAL)) {
+			atomic_store(&s->dead, 1);
+			notify(s);
+			break;
+		}
+	}
+	free(fc->scratch);
+	free(fc);
+	return NULL;
+}

@@ -1,0 +1,126 @@
+/* internal.h - shared by the pager core's C files; not part of the API. */
+#ifndef MEMFS_CORE_INTERNAL_H
+#define MEMFS_CORE_INTERNAL_H
+#define _GNU_SOURCE
+#include "memfs_core.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <sys/ioctl.h>
+#include <time.h>
+
+#define PAGE MC_PAGE_SIZE
+#define PAGE_SHIFT 12
+
+/*
+ * One page's metadata: 16 bytes, in a flat array per range (mmap'ed, so
+ * a range never touched costs nothing).  `copy` holds a store handle, or
+ * the fill word of a same-filled page (MC_PF_SAME).  csize == PAGE means
+ * the copy is stored raw.
+ */
+struct page {
+	uint64_t copy;
+	uint32_t stamp_ms; /* last evidence of use, mc_now_ms() clock (wraps after 49 days) */
+	uint16_t csize;
+	uint8_t state;
+	uint8_t flags;
+};
+_Static_assert(sizeof(struct page) == 16, "per-page metadata must stay 16 bytes");
+
+struct range {
+	uint64_t start;
+	uint64_t npages;
+	uint32_t index; /* registration order */
+	struct page *pages;
+	uint64_t nstate[MC_NSTATES];
+	uint64_t bytes_compressed;
+};
+
+#define TRACE_CAP 2048u
+
+struct mc_session {
+	int uffd;
+	int pid;
+	int pagemap_fd;
+	int notify_fd; /* eventfd: Python waits on it */
+	int stop_fd;   /* eventfd: tells the fault thread to leave */
+	atomic_int notify_armed;
+	atomic_int dead; /* the target's mm is gone */
+	atomic_int stopping;
+
+	/*
+	 * `lock` orders every change of page state together with the uffd
+	 * ioctl that makes the kernel agree (write-protect, copy, unprotect).
+	 * The fault thread and the operations both take it, never for long.
+	 */
+	pthread_mutex_t lock;
+	/*
+	 * `gate` keeps pages from turning EVICTING while mc_read_data reads
+	 * resident pages without `lock` (a read of a page the agent has just
+	 * dropped would fault the target).  Order: gate, then lock.
+	 */
+	pthread_rwlock_t gate;
+
+	uint32_t nranges;
+	struct range *ranges;   /* registration order */
+	struct range **by_addr; /* sorted by start */
+
+	pthread_t fault_thread;
+	bool fault_thread_running;
+
+	struct mc_counters c;
+	uint64_t hist[MC_HIST_BUCKETS];
+
+	/* sequential fault detection for readahead (fault thread only) */
+	uint64_t last_fault_addr;
+	uint64_t ra_expect; /* first page after the last readahead window */
+	uint32_t ra_window;
+
+	struct mc_trace_event trace[TRACE_CAP];
+	uint64_t trace_head; /* seq of the next event */
+};
+
+/* store.c */
+uint64_t store_alloc(uint32_t len, void **ptr);
+void store_free(uint64_t handle, uint32_t len);
+void *store_ptr(uint64_t handle);
+uint32_t store_slot_size(uint32_t len);
+
+/* codec.c */
+extern struct mc_tunables tun;
+int codec_compress(const void *src, void *dst, int cap);
+int codec_decompress(const void *src, int srclen, void *dst);
+bool page_fill_word(const void *page, uint64_t *word);
+void fill_page(void *dst, uint64_t word);
+uint64_t now_ns(void);
+
+/* session.c */
+struct range *range_of(struct mc_session *s, uint64_t addr);
+void set_state(struct range *r, struct page *p, uint8_t state);
+void drop_copy(struct mc_session *s, struct range *r, struct page *p);
+void set_copy(struct mc_session *s, struct range *r, struct page *p, uint64_t copy,
+	      uint16_t csize, bool same);
+int page_bytes(const struct page *p, void *dst);
+void trace_add(struct mc_session *s, uint16_t kind, uint32_t range, uint64_t page,
+	       uint64_t count, uint64_t latency_ns, uint32_t tid);
+void notify(struct mc_session *s);
+void hist_add(struct mc_session *s, uint64_t ns);
+int uffd_ioctl(struct mc_session *s, unsigned long req, void *arg);
+int wp_range(struct mc_session *s, uint64_t addr, uint64_t len, bool protect);
+int copy_pages(struct mc_session *s, uint64_t dst, const void *src, uint64_t len, bool wp,
+	       int64_t *done);
+int zero_pages(struct mc_session *s, uint64_t dst, uint64_t len, int64_t *done);
+int pagemap_present(struct mc_session *s, uint64_t addr, uint64_t npages, uint8_t *present);
+
+/* restore.c: used by the fault thread and operations; caller holds s->lock */
+int restore_page(struct mc_session *s, struct range *r, uint64_t idx, bool writable,
+		 uint8_t *scratch);
+uint64_t restore_run(struct mc_session *s, struct range *r, uint64_t first, uint64_t count,
+		     bool final, uint8_t *scratch);
+void release_held(struct mc_session *s, struct range *r, uint64_t idx, uint8_t *scratch);
+
+/* fault.c */
+void *fault_main(void *arg);
+
+#endif

@@ -1,0 +1,453 @@
+/*
+ * ops.c - compress, evict and restore pages on request.
+ *
+ * These run on Python's worker threads, never on the fault thread, and
+ * take s->lock only to change states together with the ioctl that makes
+ * the kernel agree; reading the target and compressing happen unlocked,
+ * so faults are served meanwhile.
+ *
+ * Compression of a page: mark it COMPRESSING and write-protect it (under
+ * the lock), read it with process_vm_readv and compress it (unlocked),
+ * then commit the copy only if the page is still RESIDENT and COMPRESSING
+ * (under the lock).  A write in between takes a write-protect fault,
+ * whose handler clears COMPRESSING, so a copy older than the page's
+ * contents is never committed.  Callers must not compress one page from
+ * two threads at once (the daemon runs one operation per session).
+ *
+ * Eviction: only CLEAN pages (write-protected, valid copy) become
+ * EVICTING; the agent then drops them.  A write to an EVICTING page is
+ * held by the fault thread and released by mc_evict_complete() once the
+ * page is gone, by restoring the copy writable: the write lands on the
+ * saved contents, never on a page that is about to be dropped.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+
+#define CBATCH 64
+#define RBATCH 16
+
+static int check_run(struct mc_session *s, const struct mc_run *run)
+{
+	if (run->range >= s->nranges || run->first > s->ranges[run->range].npages ||
+	    run->count > s->ranges[run->range].npages - run->first)
+		return -ERANGE;
+	return 0;
+}
+
+static int check_runs(struct mc_session *s, const struct mc_run *runs, size_t nruns)
+{
+	for (size_t i = 0; i < nruns; i++)
+		if (check_run(s, &runs[i]))
+			return -ERANGE;
+	return 0;
+}
+
+struct cand {
+	uint64_t idx;
+	uint64_t copy; /* store handle or fill word */
+	uint16_t csize;
+	uint8_t kind; /* 0 failed, 1 blob, 2 same-filled, 3 incompressible (no copy) */
+};
+
+/* Write-protect (or unprotect) the candidates in contiguous runs; failed ones get kind 0. */
+static void wp_cands(struct mc_session *s, struct range *r, struct cand *c, int n, bool protect)
+{
+	for (int i = 0; i < n;) {
+		int j = i + 1;
+		while (j < n && c[j].idx == c[j - 1].idx + 1)
+			j++;
+		if (wp_range(s, r->start + (c[i].idx << PAGE_SHIFT), (uint64_t)(j - i) << PAGE_SHIFT,
+			     protect) &&
+		    protect)
+			for (int k = i; k < j; k++)
+				c[k].kind = 0;
+		i = j;
+	}
+}
+
+static int compress_batch(struct mc_session *s, struct range *r, uint64_t first, uint64_t n,
+			  uint32_t flags, uint8_t *buf, uint8_t *out, struct mc_op_result *res)
+{
+	struct cand c[CBATCH];
+	struct iovec local[CBATCH], remote[CBATCH];
+	int nc = 0, nio = 0;
+	uint64_t attempts = 0, ok = 0, incompressible = 0, same = 0, raced = 0;
+	int cap = (int)(PAGE * (100 - (tun.min_savings_pct > 100 ? 100 : tun.min_savings_pct)) / 100);
+	ssize_t want = 0, got;
+
+	pthread_mutex_lock(&s->lock);
+	for (uint64_t i = first; i < first + n; i++) {
+		struct page *p = &r->pages[i];
+		res->pages_seen++;
+		if (p->state == MC_CLEAN) {
+			res->pages_done++; /* has a copy already */
+			continue;
+		}
+		if (p->state != MC_RESIDENT || (p->flags & MC_PF_COMPRESSING) ||
+		    (!(flags & MC_COMPRESS_FOR_EVICT) && (p->flags & MC_PF_INCOMPRESSIBLE))) {
+			res->pages_skipped++;
+			continue;
+		}
+		p->flags |= MC_PF_COMPRESSING;
+		c[nc++] = (struct cand){.idx = i, .kind = 1};
+	}
+	wp_cands(s, r, c, nc, true);
+	pthread_mutex_unlock(&s->lock);
+	if (!nc)
+		return 0;
+
+	for (int i = 0; i < nc; i++) {
+		void *dst = buf + (size_t)i * PAGE;
+		uint64_t addr = r->start + (c[i].idx << PAGE_SHIFT);
+		if (!c[i].kind)
+			continue;
+		if (nio && (char *)local[nio - 1].iov_base + local[nio - 1].iov_len == dst &&
+		    (uint64_t)(uintptr_t)remote[nio - 1].iov_base + remote[nio - 1].iov_len == addr) {
+			local[nio - 1].iov_len += PAGE;
+			remote[nio - 1].iov_len += PAGE;
+		} else {
+			local[nio] = (struct iovec){dst, PAGE};
+			remote[nio] = (struct iovec){(void *)(uintptr_t)addr, PAGE};
+			nio++;
+		}
+		want += PAGE;
+	}
+	got = nio ? process_vm_readv(s->pid, local, (unsigned long)nio, remote, (unsigned long)nio, 0) : 0;
+	if (got < 0)
+		got = 0;
+
+	/* pages are read front to back: those past `got` were not read */
+	for (int i = 0, seen = 0; i < nc; i++) {
+		uint8_t *src = buf + (size_t)i * PAGE;
+		uint64_t word;
+		int len;
+		void *slot;
+		if (!c[i].kind)
+			continue;
+		if ((ssize_t)(++seen) * PAGE > got) {
+			c[i].kind = 0;
+			continue;
+		}
+		attempts++;
+		res->bytes_in += PAGE;
+		if (page_fill_word(src, &word)) {
+			c[i].kind = 2;
+			c[i].copy = word;
+			c[i].csize = 0;
+			continue;
+		}
+		len = codec_compress(src, out, cap);
+		if (len <= 0) {
+			if (!(flags & MC_COMPRESS_FOR_EVICT)) {
+				c[i].kind = 3;
+				continue;
+			}
+			len = PAGE; /* kept raw, so that evicting it frees it */
+			memcpy(out, src, PAGE);
+		}
+		c[i].copy = store_alloc((uint32_t)len, &slot);
+		if (!c[i].copy) {
+			c[i].kind = 0;
+			continue;
+		}
+		memcpy(slot, out, (size_t)len);
+		c[i].csize = (uint16_t)len;
+	}
+
+	pthread_mutex_lock(&s->lock);
+	for (int i = 0; i < nc; i++) {
+		struct page *p = &r->pages[c[i].idx];
+		bool current = p->state == MC_RESIDENT && (p->flags & MC_PF_COMPRESSING);
+		if (current)
+			p->flags &= (uint8_t)~MC_PF_COMPRESSING;
+		if (!current && c[i].kind) {
+			raced++;
+			if (c[i].kind == 1)
+				store_free(c[i].copy, c[i].csize);
+			continue;
+		}
+		if (!current)
+			continue;
+		if (c[i].kind == 1 || c[i].kind == 2) {
+			set_copy(s, r, p, c[i].copy, c[i].csize, c[i].kind == 2);
+			set_state(r, p, MC_CLEAN);
+			ok++;
+			same += c[i].kind == 2;
+			incompressible += c[i].csize == PAGE;
+			res->pages_done++;
+			res->bytes_out += c[i].kind == 1 ? c[i].csize : 0;
+		} else {
+			if (c[i].kind == 3) {
+				p->flags |= MC_PF_INCOMPRESSIBLE;
+				incompressible++;
+			}
+			res->pages_skipped++;
+		}
+	}
+	/* pages that got no copy must not stay write-protected */
+	{
+		struct cand u[CBATCH];
+		int nu = 0;
+		for (int i = 0; i < nc; i++)
+			if (r->pages[c[i].idx].state == MC_RESIDENT &&
+			    !(r->pages[c[i].idx].flags & MC_PF_COMPRESSING))
+				u[nu++] = c[i];
+		wp_cands(s, r, u, nu, false);
+	}
+	s->c.compress_attempts += attempts;
+	s->c.compress_ok += ok;
+	s->c.compress_incompressible += incompressible;
+	s->c.compress_same_filled += same;
+	s->c.compress_raced += raced;
+	if (ok)
+		trace_add(s, MC_TR_COMPRESS, r->index, first, ok, 0, 0);
+	pthread_mutex_unlock(&s->lock);
+	return 0;
+}
+
+int mc_compress(struct mc_session *s, const struct mc_run *runs, size_t nruns, uint32_t flags,
+		struct mc_op_result *res)
+{
+	uint8_t *buf, *out;
+	int rc = check_runs(s, runs, nruns);
+
+	memset(res, 0, sizeof *res);
+	if (rc)
+		return rc;
+	buf = aligned_alloc(PAGE, CBATCH * PAGE);
+	out = malloc(PAGE);
+	if (!buf || !out) {
+		free(buf);
+		free(out);
+		return -ENOMEM;
+	}
+	for (size_t i = 0; i < nruns && !rc; i++) {
+		struct range *r = &s->ranges[runs[i].range];
+		for (uint64_t pos = 0; pos < runs[i].count && !rc; pos += CBATCH) {
+			uint64_t n = runs[i].count - pos < CBATCH ? runs[i].count - pos : CBATCH;
+			if (atomic_load(&s->dead))
+				rc = -ESRCH;
+			else
+				rc = compress_batch(s, r, runs[i].first + pos, n, flags, buf, out, res);
+		}
+	}
+	free(buf);
+	free(out);
+	return rc;
+}
+
+int64_t mc_evict_prepare(struct mc_session *s, const struct mc_run *runs, size_t nruns,
+			 struct mc_addr_run *out, size_t cap, struct mc_op_result *res)
+{
+	int64_t nout = 0;
+	int rc = check_runs(s, runs, nruns);
+
+	memset(res, 0, sizeof *res);
+	if (rc)
+		return rc;
+	pthread_rwlock_wrlock(&s->gate);
+	pthread_mutex_lock(&s->lock);
+	for (size_t i = 0; i < nruns; i++) {
+		struct range *r = &s->ranges[runs[i].range];
+		for (uint64_t j = runs[i].first; j < runs[i].first + runs[i].count; j++) {
+			struct page *p = &r->pages[j];
+			uint64_t addr = r->start + (j << PAGE_SHIFT);
+			res->pages_seen++;
+			if (p->state != MC_CLEAN) {
+				res->pages_skipped++;
+				continue;
+			}
+			if (nout && out[nout - 1].addr + out[nout - 1].length == addr) {
+				out[nout - 1].length += PAGE;
+			} else {
+				if ((size_t)nout == cap) {
+					res->pages_skipped++;
+					continue;
+				}
+				out[nout++] = (struct mc_addr_run){addr, PAGE};
+			}
+			set_state(r, p, MC_EVICTING);
+			res->pages_done++;
+		}
+	}
+	pthread_mutex_unlock(&s->lock);
+	pthread_rwlock_unlock(&s->gate);
+	return nout;
+}
+
+/*
+ * The agent answered.  On success every EVICTING page of the request is
+ * gone from the target; otherwise pagemap says which are.  Held writes
+ * are released either way.
+ */
+int mc_evict_complete(struct mc_session *s, const struct mc_addr_run *runs, size_t nruns,
+		      int status, struct mc_op_result *res)
+{
+	uint8_t *scratch = aligned_alloc(PAGE, PAGE), *present = NULL;
+	int rc = 0;
+
+	memset(res, 0, sizeof *res);
+	if (!scratch)
+		return -ENOMEM;
+	pthread_mutex_lock(&s->lock);
+	s->c.evict_requests++;
+	for (size_t i = 0; i < nruns; i++) {
+		struct range *r = range_of(s, runs[i].addr);
+		uint64_t first, n, ok = 0;
+		if (!r || runs[i].addr + runs[i].length > r->start + (r->npages << PAGE_SHIFT)) {
+			rc = -ERANGE;
+			continue;
+		}
+		first = (runs[i].addr - r->start) >> PAGE_SHIFT;
+		n = runs[i].length >> PAGE_SHIFT;
+		if (status) {
+			free(present);
+			present = malloc(n);
+			if (!present || pagemap_present(s, runs[i].addr, n, present)) {
+				free(present);
+				present = NULL; /* cannot tell: assume the worst, that it is still there */
+			}
+		}
+		for (uint64_t k = 0; k < n; k++) {
+			struct page *p = &r->pages[first + k];
+			bool gone = !status || (present && !present[k]);
+			res->pages_seen++;
+			if (p->state != MC_EVICTING) {
+				res->pages_skipped++; /* restored meanwhile by a fault */
+				continue;
+			}
+			if (gone) {
+				set_state(r, p, (p->flags & MC_PF_SAME) && !p->copy ? MC_ZERO : MC_COMPRESSED);
+				s->c.evict_ok++;
+				res->pages_done++;
+				ok++;
+			} else {
+				set_state(r, p, MC_CLEAN);
+				s->c.evict_fail++;
+				res->pages_skipped++;
+			}
+			if (p->flags & MC_PF_HELD)
+				release_held(s, r, first + k, scratch);
+		}
+		if (ok)
+			trace_add(s, MC_TR_EVICT, r->index, first, ok, 0, 0);
+	}
+	pthread_mutex_unlock(&s->lock);
+	free(present);
+	free(scratch);
+	return rc;
+}
+
+/*
+ * Give EVICTING pages a definite state when the agent will never answer
+ * (the session is ending): pagemap tells which ones it dropped.
+ */
+static void settle_evicting(struct mc_session *s, struct range *r, uint64_t first, uint64_t n,
+			    uint8_t *scratch)
+{
+	uint8_t present[RBATCH];
+	bool any = false;
+	for (uint64_t k = 0; k < n; k++)
+		any |= r->pages[first + k].state == MC_EVICTING;
+	if (!any)
+		return;
+	if (pagemap_present(s, r->start + (first << PAGE_SHIFT), n, present))
+		memset(present, 1, sizeof present);
+	for (uint64_t k = 0; k < n; k++) {
+		struct page *p = &r->pages[first + k];
+		if (p->state != MC_EVICTING)
+			continue;
+		if (present[k])
+			set_state(r, p, MC_CLEAN);
+		else
+			set_state(r, p, (p->flags & MC_PF_SAME) && !p->copy ? MC_ZERO : MC_COMPRESSED);
+		if (p->flags & MC_PF_HELD)
+			release_held(s, r, first + k, scratch);
+	}
+}
+
+int mc_restore(struct mc_session *s, const struct mc_run *runs, size_t nruns, uint32_t flags,
+	       struct mc_op_result *res)
+{
+	bool final = flags & MC_RESTORE_FINAL;
+	uint8_t *scratch;
+	int rc = check_runs(s, runs, nruns);
+
+	memset(res, 0, sizeof *res);
+	if (rc)
+		return rc;
+	scratch = aligned_alloc(PAGE, RBATCH * PAGE);
+	if (!scratch)
+		return -ENOMEM;
+	for (size_t i = 0; i < nruns && !rc; i++) {
+		struct range *r = &s->ranges[runs[i].range];
+		for (uint64_t pos = 0; pos < runs[i].count; pos += RBATCH) {
+			uint64_t first = runs[i].first + pos, restored = 0;
+			uint64_t n = runs[i].count - pos < RBATCH ? runs[i].count - pos : RBATCH;
+			bool was_out[RBATCH];
+			if (atomic_load(&s->dead)) {
+				rc = -ESRCH;
+				break;
+			}
+			pthread_mutex_lock(&s->lock);
+			if (flags & MC_RESTORE_VERIFY)
+				settle_evicting(s, r, first, n, scratch);
+			for (uint64_t k = 0; k < n; k++) {
+				struct page *p = &r->pages[first + k];
+				was_out[k] = p->state == MC_COMPRESSED || p->state == MC_ZERO;
+				res->pages_seen++;
+			}
+			restore_run(s, r, first, n, final, scratch);
+			for (uint64_t k = 0; k < n; k++) {
+				struct page *p = &r->pages[first + k];
+				if (final && p->state == MC_CLEAN) {
+					drop_copy(s, r, p);
+					set_state(r, p, MC_RESIDENT);
+				}
+				if (!was_out[k])
+					continue;
+				if (p->state == MC_CLEAN || p->state == MC_RESIDENT) {
+					restored++;
+					p->flags &= (uint8_t)~MC_PF_PREFETCH_PENDING;
+					if (!final)
+						p->flags |= MC_PF_PREFETCHED;
+				}
+			}
+			if (final)
+				wp_range(s, r->start + (first << PAGE_SHIFT), n << PAGE_SHIFT, false);
+			res->pages_done += restored;
+			res->pages_skipped += n - restored;
+			if (!final)
+				s->c.prefetch_restored += restored;
+			if (restored)
+				trace_add(s, MC_TR_PREFETCH, r->index, first, restored, 0, 0);
+			pthread_mutex_unlock(&s->lock);
+		}
+	}
+	free(scratch);
+	return rc;
+}
+
+int mc_mark_prefetch(struct mc_session *s, const struct mc_run *runs, size_t nruns)
+{
+	int rc = check_runs(s, runs, nruns);
+	if (rc)
+		return rc;
+	pthread_mutex_lock(&s->lock);
+	for (size_t i = 0; i < nruns; i++) {
+		struct range *r = &s->ranges[runs[i].range];
+		for (uint64_t j = runs[i].first; j < runs[i].first + runs[i].count; j++) {
+			struct page *p = &r->pages[j];
+			if (p->state == MC_COMPRESSED || p->state == MC_ZERO || p->state == MC_EVICTING) {
+				p->flags |= MC_PF_PREFETCH_PENDING;
+				s->c.prefetch_issued++;
+			}
+		}
+	}
+	pthread_mutex_unlock(&s->lock);
+	return 0;
+}

@@ -1,0 +1,351 @@
+/*
+ * memfs-target: a target process for tests and benchmarks.
+ *
+ * Fills an anonymous region with a deterministic data set, registers it
+ * with the daemon through libpredicomp_client, prints one READY line and
+ * then obeys commands on stdin, one per line, answering one line each:
+ *
+ *   verify                 compare every page with its expected contents
+ *   rss                    RssAnon of this process, in kB
+ *   write PAGE BYTE        fill a page with BYTE (updates the expectation)
+ *   stress SECONDS THREADS writers put sequence numbers in random pages,
+ *                          then every page is checked for each writer's last value
+ *   touch seq|rand N SEED  read N pages (rand) or all (seq); per-touch latency in ns
+ *   prefetch FIRST COUNT   predicomp_client_prefetch on those pages
+ *   stop | exit
+ *
+ * MEMFS_TARGET_DEBUG=1 makes stress report the first lost write of each writer on stderr.
+ *
+ * Data sets (4 KiB pages): zero, text (word records), ints (small
+ * integers), random (incompressible), mixed (the four in turn).
+ */
+#define _GNU_SOURCE
+#include "predicomp_client.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE 4096u
+
+enum kind { K_ZERO, K_TEXT, K_INTS, K_RANDOM };
+
+static uint8_t *region;
+static size_t npages;
+static uint64_t *expect; /* FNV-1a of each page's expected contents */
+static uint64_t seed = 1;
+static const char *pattern = "mixed";
+static struct predicomp_client *pc;
+
+static uint64_t splitmix(uint64_t *x)
+{
+	uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+	return z ^ (z >> 31);
+}
+
+static uint64_t fnv(const uint8_t *p, size_t n)
+{
+	uint64_t h = 0xcbf29ce484222325ull;
+	const uint64_t *w = (const uint64_t *)p;
+	for (size_t i = 0; i < n / 8; i++)
+		h = (h ^ w[i]) * 0x100000001b3ull;
+	return h;
+}
+
+static enum kind kind_of(size_t i)
+{
+	if (!strcmp(pattern, "zero"))
+		return K_ZERO;
+	if (!strcmp(pattern, "text"))
+		return K_TEXT;
+	if (!strcmp(pattern, "ints"))
+		return K_INTS;
+	if (!strcmp(pattern, "random"))
+		return K_RANDOM;
+	return (enum kind)(i % 4);
+}
+
+static void gen_page(uint8_t *p, size_t i)
+{
+	static const char *words[] = {"alpha", "bravo", "charlie", "delta", "echo", "foxtrot",
+				      "golf", "hotel", "india", "juliet", "kilo", "lima",
+				      "mike", "november", "oscar", "papa"};
+	uint64_t st = seed * 0x9e3779b97f4a7c15ull ^ (i * 0x100000001b3ull);
+	switch (kind_of(i)) {
+	case K_ZERO:
+		memset(p, 0, PAGE);
+		break;
+	case K_TEXT: {
+		size_t off = 0;
+		while (off < PAGE) {
+			char line[128];
+			uint64_t r = splitmix(&st);
+			int n = snprintf(line, sizeof line, "id=%08" PRIu64 " name=%s %s city=%s qty=%u\n",
+					 r % 100000000u, words[r >> 40 & 15], words[r >> 44 & 15],
+					 words[r >> 48 & 15], (unsigned)(r >> 52 & 1023));
+			size_t take = (size_t)n < PAGE - off ? (size_t)n : PAGE - off;
+			memcpy(p + off, line, take);
+			off += take;
+		}
+		break;
+	}
+	case K_INTS: {
+		uint32_t *w = (uint32_t *)p;
+		for (size_t k = 0; k < PAGE / 4; k++)
+			w[k] = (uint32_t)(splitmix(&st) % 1000u);
+		break;
+	}
+	case K_RANDOM: {
+		uint64_t *w = (uint64_t *)p;
+		for (size_t k = 0; k < PAGE / 8; k++)
+			w[k] = splitmix(&st);
+		break;
+	}
+	}
+}
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static long rss_anon_kb(void)
+{
+	FILE *f = fopen("/proc/self/status", "re");
+	char line[256];
+	long kb = -1;
+	while (f && fgets(line, sizeof line, f))
+		if (sscanf(line, "RssAnon: %ld", &kb) == 1)
+			break;
+	if (f)
+		fclose(f);
+	return kb;
+}
+
+static void cmd_verify(void)
+{
+	size_t bad = 0, first_bad = (size_t)-1;
+	for (size_t i = 0; i < npages; i++)
+		if (fnv(region + i * PAGE, PAGE) != expect[i]) {
+			if (!bad)
+				first_bad = i;
+			bad++;
+		}
+	printf("VERIFY ok=%zu bad=%zu first_bad=%zd\n", npages - bad, bad, (ssize_t)first_bad);
+}
+
+/* ---- stress: writers leave sequence numbers; each page must keep the last ---- */
+
+struct writer {
+	pthread_t t;
+	unsigned id;
+	uint64_t *last; /* per page: last sequence number this writer stored */
+	uint64_t writes;
+	uint64_t lost; /* times the slot did not hold what this writer last stored */
+};
+static atomic_int stress_stop;
+
+static void *writer_main(void *arg)
+{
+	struct writer *w = arg;
+	uint64_t st = seed ^ ((uint64_t)w->id << 32), seq = 0;
+	while (!atomic_load_explicit(&stress_stop, memory_order_relaxed)) {
+		size_t pg = splitmix(&st) % npages;
+		volatile uint64_t *slot = (volatile uint64_t *)(region + pg * PAGE + w->id * 64);
+		/* every write first checks the previous one survived, so no loss goes unseen */
+		if (*slot != w->last[pg]) {
+			if (!w->lost && getenv("MEMFS_TARGET_DEBUG"))
+				fprintf(stderr, "LOST writer=%u page=%zu expected=%" PRIu64 " found=%" PRIu64 " t=%" PRIu64 "\n",
+					w->id, pg, w->last[pg], *slot, now_ns());
+			w->lost++;
+		}
+		*slot = ++seq;
+		w->last[pg] = seq;
+		w->writes++;
+	}
+	return NULL;
+}
+
+static void cmd_stress(double seconds, unsigned nthreads)
+{
+	struct writer *ws = calloc(nthreads, sizeof *ws);
+	uint64_t writes = 0, bad = 0, lost = 0;
+	long first_bad = -1;
+
+	if (nthreads > PAGE / 64)
+		nthreads = PAGE / 64;
+	atomic_store(&stress_stop, 0);
+	for (unsigned i = 0; i < nthreads; i++) {
+		ws[i].id = i;
+		ws[i].last = calloc(npages, sizeof(uint64_t));
+		/* a writer's slot starts at zero so that "never written" is checkable too */
+		for (size_t pg = 0; pg < npages; pg++)
+			*(uint64_t *)(region + pg * PAGE + i * 64) = 0;
+		pthread_create(&ws[i].t, NULL, writer_main, &ws[i]);
+	}
+	usleep((useconds_t)(seconds * 1e6));
+	atomic_store(&stress_stop, 1);
+	for (unsigned i = 0; i < nthreads; i++) {
+		pthread_join(ws[i].t, NULL);
+		writes += ws[i].writes;
+		lost += ws[i].lost;
+	}
+	for (size_t pg = 0; pg < npages; pg++) {
+		for (unsigned i = 0; i < nthreads; i++)
+			if (*(uint64_t *)(region + pg * PAGE + i * 64) != ws[i].last[pg]) {
+				if (first_bad < 0)
+					first_bad = (long)pg;
+				bad++;
+			}
+		expect[pg] = fnv(region + pg * PAGE, PAGE);
+	}
+	for (unsigned i = 0; i < nthreads; i++)
+		free(ws[i].last);
+	free(ws);
+	/* bad: slots that lost their last write (checked at the end) or an earlier one (checked
+	 * by the writer at its next visit) */
+	printf("STRESS writes=%" PRIu64 " bad=%" PRIu64 " lost_seen=%" PRIu64 " final_bad=%" PRIu64
+	       " first_bad=%ld\n",
+	       writes, bad + lost, lost, bad, first_bad);
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	return x < y ? -1 : x > y;
+}
+
+/* Touch pages and time each touch: the latency a program sees. */
+static void cmd_touch(const char *how, size_t n, uint64_t s)
+{
+	uint64_t *lat, sum = 0, t_all = now_ns();
+	volatile uint64_t sink = 0;
+	bool seq = !strcmp(how, "seq");
+	if (seq || !n || n > npages)
+		n = npages;
+	lat = malloc(n * sizeof *lat);
+	for (size_t k = 0; k < n; k++) {
+		size_t pg = seq ? k : splitmix(&s) % npages;
+		uint64_t t0 = now_ns();
+		sink += *(volatile uint64_t *)(region + pg * PAGE);
+		lat[k] = now_ns() - t0;
+		sum += lat[k];
+	}
+	t_all = now_ns() - t_all;
+	(void)sink;
+	qsort(lat, n, sizeof *lat, cmp_u64);
+	printf("TOUCH n=%zu wall_ns=%" PRIu64 " p50=%" PRIu64 " p99=%" PRIu64 " p999=%" PRIu64
+	       " max=%" PRIu64 " mean=%" PRIu64 "\n",
+	       n, t_all, lat[n / 2], lat[n * 99 / 100], lat[n * 999 / 1000], lat[n - 1], sum / n);
+	free(lat);
+}
+
+int main(int argc, char **argv)
+{
+	size_t mb = 64, nranges = 1;
+	const char *sock = NULL;
+	int start = 1;
+	char line[256];
+
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--mb") && i + 1 < argc)
+			mb = strtoul(argv[++i], NULL, 0);
+		else if (!strcmp(argv[i], "--pattern") && i + 1 < argc)
+			pattern = argv[++i];
+		else if (!strcmp(argv[i], "--seed") && i + 1 < argc)
+			seed = strtoull(argv[++i], NULL, 0);
+		else if (!strcmp(argv[i], "--socket") && i + 1 < argc)
+			sock = argv[++i];
+		else if (!strcmp(argv[i], "--ranges") && i + 1 < argc)
+			nranges = strtoul(argv[++i], NULL, 0);
+		else if (!strcmp(argv[i], "--no-start"))
+			start = 0;
+		else {
+			fprintf(stderr, "usage: %s [--mb N] [--pattern mixed|text|ints|random|zero] "
+					"[--seed S] [--socket PATH] [--ranges K] [--no-start]\n",
+				argv[0]);
+			return 2;
+		}
+	}
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	npages = mb * 256;
+	if (!nranges || nranges > npages)
+		nranges = 1;
+	region = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (region == MAP_FAILED) {
+		perror("mmap");
+		return 1;
+	}
+	expect = malloc(npages * sizeof *expect);
+	for (size_t i = 0; i < npages; i++) {
+		gen_page(region + i * PAGE, i);
+		expect[i] = fnv(region + i * PAGE, PAGE);
+	}
+	if (start) {
+		uint64_t sid = 0;
+		int rc = predicomp_client_open(&pc, sock);
+		size_t per = npages / nranges;
+		for (size_t k = 0; !rc && k < nranges; k++) {
+			size_t first = k * per, cnt = k == nranges - 1 ? npages - first : per;
+			rc = predicomp_client_register_range(
+				pc, region + first * PAGE, cnt * PAGE,
+				PREDICOMP_CLIENT_RANGE_F_ANON_PRIVATE | PREDICOMP_CLIENT_RANGE_F_WRITABLE, NULL);
+		}
+		if (!rc)
+			rc = predicomp_client_start(pc);
+		if (rc) {
+			printf("ERROR rc=%d %s: %s\n", rc, strerror(-rc),
+			       pc ? predicomp_client_last_error(pc) : "");
+			return 1;
+		}
+		predicomp_client_session_id(pc, &sid);
+		printf("READY session=%" PRIu64 " pid=%d addr=0x%lx pages=%zu agent=%d\n", sid,
+		       getpid(), (unsigned long)region, npages, predicomp_client_has_agent(pc));
+	} else {
+		printf("READY session=0 pid=%d addr=0x%lx pages=%zu agent=0\n", getpid(),
+		       (unsigned long)region, npages);
+	}
+	while (fgets(line, sizeof line, stdin)) {
+		char a[32] = "";
+		unsigned long x = 0, y = 0, z = 0;
+		double d = 0;
+		if (!strncmp(line, "verify", 6)) {
+			cmd_verify();
+		} else if (!strncmp(line, "rss", 3)) {
+			printf("RSS anon_kb=%ld\n", rss_anon_kb());
+		} else if (sscanf(line, "write %lu %lu", &x, &y) == 2 && x < npages) {
+			memset(region + x * PAGE, (int)y, PAGE);
+			expect[x] = fnv(region + x * PAGE, PAGE);
+			printf("WROTE %lu\n", x);
+		} else if (sscanf(line, "stress %lf %lu", &d, &x) == 2) {
+			cmd_stress(d, (unsigned)x);
+		} else if (sscanf(line, "touch %31s %lu %lu", a, &x, &z) >= 1) {
+			cmd_touch(a, x, z ? z : 1);
+		} else if (sscanf(line, "prefetch %lu %lu", &x, &y) == 2) {
+			int rc = pc ? predicomp_client_prefetch(pc, region + x * PAGE, y * PAGE) : -ENOTCONN;
+			printf("PREFETCH rc=%d\n", rc);
+		} else if (!strncmp(line, "stop", 4)) {
+			int rc = pc ? predicomp_client_stop(pc) : 0;
+			printf("STOP rc=%d\n", rc);
+		} else if (!strncmp(line, "exit", 4)) {
+			break;
+		} else {
+			printf("ERROR unknown command\n");
+		}
+	}
+	if (pc)
+		predicomp_client_close(pc);
+	return 0;
+}

@@ -1,0 +1,61 @@
+"""Fixtures: a daemon in the test's own trio loop, real target processes.
+
+Every target a test starts is killed by pid at the end of the test, even
+when the test fails; temp dirs go with pytest's tmp_path.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import Target  # noqa: E402
+
+from memfs import core  # noqa: E402
+from memfs.daemon import Daemon  # noqa: E402
+
+
+def pytest_configure(config):
+    if os.geteuid() != 0:
+        raise pytest.UsageError("the memfs tests need root (userfaultfd, FUSE, /proc of other processes)")
+
+
+@pytest.fixture
+def sock_path(tmp_path) -> str:
+    return str(tmp_path / "memfs.sock")
+
+
+@pytest.fixture
+async def daemon(sock_path, nursery):
+    d = Daemon(sock_path)
+    await nursery.start(d.serve)
+    yield d
+    await d.shutdown()
+
+
+@pytest.fixture
+def tunables():
+    """Set native tunables for one test; the defaults come back afterwards."""
+    saved = core.get_tunables()
+    yield core.set_tunables
+    core.set_tunables(**saved)
+
+
+@pytest.fixture
+async def targets():
+    """Start targets with `await targets(argv)`; all are killed at the end."""
+    started: list[Target] = []
+
+    async def start(argv, env=None) -> Target:
+        t = await Target.start(argv, env=env)
+        started.append(t)
+        return t
+
+    yield start
+    for t in started:
+        await t.kill()

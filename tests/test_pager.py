@@ -1,0 +1,218 @@
+"""The pager core on real targets: eviction frees memory, restores are exact,
+writes during eviction survive, sessions end cleanly whatever the target does."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+import pytest
+import trio
+
+from helpers import c_target, py_target, wait_for
+
+from memfs import core, selection
+
+MB = 1024 * 1024
+
+
+def session(daemon, target):
+    return daemon.sessions[target.session_id]
+
+
+@pytest.mark.parametrize("kind", ["c", "python"])
+async def test_evict_all_frees_memory_and_restores_every_byte(daemon, sock_path, targets, kind):
+    argv = c_target(sock_path, 64) if kind == "c" else py_target(sock_path, 64, "--fill-after-start")
+    t = await targets(argv)
+    s = session(daemon, t)
+    assert s.mode == "full"
+    n = t.npages
+    before = t.rss_kb()
+
+    res = await s.pager.evict(selection.all_runs(s.native))
+
+    assert res.done == n
+    assert before - t.rss_kb() >= 0.9 * 64 * MB / 1024, "RssAnon must drop by 90% of the range"
+    assert not any(t.present()), "evicted pages must be gone from pagemap"
+    info = s.native.range_info(0)
+    assert info.pages_in["zero"] == n // 4 and info.pages_in["compressed"] == n - n // 4
+    pages = s.native.page_info(0, 0, n)
+    assert all(pages[i].csize == 0 for i in range(n) if pages[i].state == 4), "zero pages hold no blob"
+    assert core.store_stats()["blobs"] == n - n // 4
+    c = s.counters()
+    assert c["store_pages"] == n and c["store_bytes_logical"] == 64 * MB
+    assert 0 < c["store_bytes_compressed"] < c["store_bytes_logical"]
+    assert c["store_bytes_used"] >= c["store_bytes_compressed"]
+
+    ok, bad = await t.verify()
+
+    assert (ok, bad) == (n, 0)
+    c = s.counters()
+    assert c["zero_fill"] == n // 4, "zero pages come back as zero pages, without a blob"
+    assert c["restore_ok"] == n - n // 4 and c["restore_fail"] == 0
+    assert c["faults_missing"] >= 1
+
+
+async def test_compress_keeps_pages_and_evict_of_clean_pages_is_instant(daemon, sock_path, targets):
+    t = await targets(c_target(sock_path, 8))
+    s = session(daemon, t)
+    n, random_pages = t.npages, t.npages // 4
+    res = await s.pager.compress(selection.all_runs(s.native))
+    # random pages do not compress: they stay resident, without a copy, until evicted
+    assert res.done == n - random_pages
+    assert all(t.present()), "compress must not evict"
+    info = s.native.range_info(0)
+    assert info.pages_in["clean"] == n - random_pages and info.pages_in["resident"] == random_pages
+    c = s.counters()
+    assert c["compress_incompressible"] == random_pages
+    await s.pager.evict(selection.all_runs(s.native))
+    c2 = s.counters()
+    assert c2["compress_ok"] == c["compress_ok"] + random_pages, \
+        "clean pages need no second compression; incompressible ones are kept raw to be freed"
+    assert c2["evict_ok"] == n
+    assert await t.verify() == (n, 0)
+
+
+async def test_writes_after_compress_and_prefetch_are_tracked(daemon, sock_path, targets):
+    t = await targets(c_target(sock_path, 4))
+    s = session(daemon, t)
+    runs = selection.all_runs(s.native)
+    await s.pager.evict(runs)
+    res = await s.pager.prefetch(runs)
+    assert res.done == t.npages
+    assert all(t.present())
+    info = s.native.range_info(0)
+    assert info.pages_in["clean"] == t.npages - t.npages // 4  # zero pages come back as the zero page
+    await t.command("write 3 170")
+    assert s.native.range_info(0).pages_in["clean"] == info.pages_in["clean"] - 1
+    assert s.counters()["faults_wp"] == 1 and s.counters()["prefetch_hits"] == 1
+    await s.pager.evict(runs)
+    assert await t.verify() == (t.npages, 0)
+
+
+async def stress(daemon, t, seconds: float):
+    """Writers in the target while the daemon evicts and prefetches everything in a loop."""
+    s = session(daemon, t)
+    runs = selection.all_runs(s.native)
+    rounds = 0
+    async with trio.open_nursery() as nursery:
+        async def churn():
+            nonlocal rounds
+            while True:
+                await s.pager.evict(runs)
+                await s.pager.prefetch(runs)
+                rounds += 1
+                await trio.sleep(0)
+
+        nursery.start_soon(churn)
+        r = await t.command(f"stress {seconds} 4", timeout=seconds + 120)
+        nursery.cancel_scope.cancel()
+    return r, rounds, s.counters()
+
+
+async def test_writes_during_eviction_are_never_lost(daemon, sock_path, targets):
+    t = await targets(c_target(sock_path, 2))
+    r, rounds, c = await stress(daemon, t, 5)
+    assert int(r["writes"]) > 10000 and rounds >= 3
+    assert c["faults_held"] > 0, "writes must have met pages being evicted"
+    assert int(r["bad"]) == 0, f"lost writes: {r}"
+    assert await t.verify() == (t.npages, 0)
+
+
+async def test_stress_catches_lost_writes_without_the_safety(daemon, sock_path, targets, tunables):
+    """The same stress with held writes switched off must see writes vanish:
+    proof that the test above can fail."""
+    tunables(debug_unsafe_evict=1)
+    t = await targets(c_target(sock_path, 2))
+    r, rounds, c = await stress(daemon, t, 5)
+    assert int(r["bad"]) > 0, f"unsafe eviction lost nothing in {rounds} rounds: {r}"
+
+
+async def test_wp_only_session_tracks_and_never_frees(daemon, sock_path, targets):
+    t = await targets(c_target(sock_path, 8, agent=False))
+    s = session(daemon, t)
+    assert s.mode == "wp-only"
+    runs = selection.all_runs(s.native)
+    before = t.rss_kb()
+    res = await s.pager.compress(runs)
+    assert res.done == t.npages - t.npages // 4  # all but the incompressible quarter
+    with pytest.raises(OSError) as e:
+        await s.pager.evict(runs)
+    assert e.value.errno == errno.EOPNOTSUPP
+    assert all(t.present()) and t.rss_kb() >= before - 64
+    await t.command("write 1 9")
+    await t.command("write 1 10")
+    c = s.counters()
+    assert c["faults_wp"] == 1, "one write-protect fault per clean page dirtied"
+    info = s.native.range_info(0)
+    assert info.pages_in["clean"] == res.done - 1 and info.pages_in["resident"] == t.npages // 4 + 1
+    assert await t.verify() == (t.npages, 0)
+    r = await t.command("stop")
+    assert r["rc"] == "0"
+    assert await t.verify() == (t.npages, 0)
+
+
+async def test_stop_gives_every_page_back(daemon, sock_path, targets):
+    t = await targets(c_target(sock_path, 8))
+    s = session(daemon, t)
+    await s.pager.evict(selection.all_runs(s.native))
+    r = await t.command("stop")
+    assert r["rc"] == "0"
+    await wait_for(lambda: t.session_id not in daemon.sessions)
+    assert all(p for i, p in enumerate(t.present()) if i % 4), "non-zero pages must be back"
+    assert core.store_stats()["blobs"] == 0
+    assert await t.verify() == (t.npages, 0)
+    # unregistered: writes and reads no longer involve the daemon
+    await t.command("write 2 1")
+    assert await t.verify() == (t.npages, 0)
+
+
+async def test_target_killed_mid_eviction_leaves_daemon_healthy(daemon, sock_path, targets):
+    t = await targets(c_target(sock_path, 64))
+    s = session(daemon, t)
+    os.kill(t.pid, signal.SIGSTOP)  # the agent cannot answer: the eviction stays in flight
+    outcome = {}
+
+    async def evict():
+        try:
+            outcome["result"] = await s.pager.evict(selection.all_runs(s.native))
+        except OSError as e:
+            outcome["error"] = e
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(evict)
+        await wait_for(lambda: s.pager.evictions_in_flight > 0)
+        assert core.store_stats()["blobs"] > 0
+        os.kill(t.pid, signal.SIGKILL)
+    await wait_for(lambda: t.session_id not in daemon.sessions)
+    assert outcome.get("error") is not None and outcome["error"].errno == errno.ESRCH
+    st = core.store_stats()
+    assert st["blobs"] == 0 and st["bytes_used"] == 0, "the dead session's store memory is freed"
+    assert daemon.counters()["store_bytes_compressed"] == 0
+    # and the daemon goes on serving
+    t2 = await targets(c_target(sock_path, 4))
+    s2 = session(daemon, t2)
+    await s2.pager.evict(selection.all_runs(s2.native))
+    assert await t2.verify() == (t2.npages, 0)
+
+
+async def test_sixteen_targets_at_once(daemon, sock_path, targets):
+    ts = []
+    async with trio.open_nursery() as nursery:
+        async def one(i):
+            ts.append(await targets(c_target(sock_path, 8, "--seed", str(i + 1))))
+        for i in range(16):
+            nursery.start_soon(one, i)
+    assert len(daemon.sessions) == 16
+    results = {}
+    async with trio.open_nursery() as nursery:
+        async def cycle(t):
+            s = session(daemon, t)
+            res = await s.pager.evict(selection.all_runs(s.native))
+            results[t.pid] = (res.done, not any(t.present()), await t.verify())
+        for t in ts:
+            nursery.start_soon(cycle, t)
+    for t in ts:
+        done, gone, (ok, bad) = results[t.pid]
+        assert done == t.npages and gone and (ok, bad) == (t.npages, 0)
+    assert len({t.session_id for t in ts}) == 16
