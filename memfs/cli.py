@@ -8,6 +8,9 @@ import signal
 import sys
 
 from . import __version__, protocol
+from .config import SETTINGS
+
+DEFAULT_MOUNTPOINT = "/run/predicomp"
 
 log = logging.getLogger("memfs")
 
@@ -26,14 +29,23 @@ def setup_logging(verbose: int) -> None:
 def cmd_serve(args) -> int:
     import trio
 
+    from .config import SETTINGS, Config
     from .daemon import Daemon
+    from .fs import serve_fs
 
     setup_logging(args.verbose)
+    try:
+        config = Config(**{name: getattr(args, name) for name in SETTINGS})
+    except OSError as e:
+        print(f"memfs serve: {e.strerror}", file=sys.stderr)
+        return 2
 
     async def main():
-        daemon = Daemon(args.socket)
+        daemon = Daemon(args.socket, config)
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.serve)
+            if args.mount:
+                await nursery.start(serve_fs, daemon, args.mount, args.allow_other)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
                     log.warning("%s: shutting down", signal.Signals(signum).name)
@@ -43,10 +55,30 @@ def cmd_serve(args) -> int:
 
     try:
         trio.run(main)
-    except OSError as e:
-        print(f"memfs serve: {e}", file=sys.stderr)
+    except (OSError, BaseExceptionGroup) as e:
+        err = first_oserror(e)
+        if err is None:
+            raise
+        print(f"memfs serve: {err.strerror or err}", file=sys.stderr)
         return 1
     return 0
+
+
+def first_oserror(e: BaseException) -> OSError | None:
+    """The OSError inside (possibly nested) exception groups: what to tell the user."""
+    if isinstance(e, OSError):
+        return e
+    if isinstance(e, BaseExceptionGroup):
+        for sub in e.exceptions:
+            found = first_oserror(sub)
+            if found is not None:
+                return found
+    return None
+
+
+def cmd_demo(args) -> int:
+    from .demo import run
+    return run(args.mb, args.pattern, args.keep)
 
 
 def cmd_test(args) -> int:
@@ -64,8 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the daemon")
     s.add_argument("--socket", default=os.environ.get("PREDICOMP_SOCKET") or protocol.DEFAULT_SOCKET,
                    help=f"listening socket (default $PREDICOMP_SOCKET or {protocol.DEFAULT_SOCKET})")
+    s.add_argument("--mount", default=DEFAULT_MOUNTPOINT, metavar="DIR",
+                   help=f"where to mount the control filesystem (default {DEFAULT_MOUNTPOINT})")
+    s.add_argument("--no-mount", dest="mount", action="store_const", const=None,
+                   help="run without the filesystem")
+    s.add_argument("--allow-other", action="store_true",
+                   help="let other users read the filesystem's counters (never write)")
     s.add_argument("-v", "--verbose", action="count", default=0, help="log session lifecycles (-vv: debug)")
+    for name, setting in SETTINGS.items():
+        s.add_argument("--" + name.replace("_", "-"), dest=name, metavar="VALUE",
+                       help=f"{setting.doc} (default {setting.format(setting.default)})")
     s.set_defaults(func=cmd_serve)
+
+    d = sub.add_parser("demo", help="start a daemon and a target, then compress, evict and prefetch through the filesystem")
+    d.add_argument("--mb", type=int, default=256, help="size of the demo target's memory (default 256)")
+    d.add_argument("--pattern", default="mixed", choices=("mixed", "text", "ints", "random", "zero"),
+                   help="its data set (default mixed)")
+    d.add_argument("--keep", action="store_true", help="leave the daemon running and mounted at the end")
+    d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("test", help="run the test suite (pytest arguments follow)")
     t.add_argument("pytest_args", nargs=argparse.REMAINDER)

@@ -9,7 +9,10 @@ cffi drops the GIL for every C call, so they run beside the event loop.
 from __future__ import annotations
 
 import errno
+import functools
 import os
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ._core import ffi, lib
@@ -132,8 +135,22 @@ def bucket_upper_ns(b: int) -> int:
     return ((8 + sub + 1) << (msb - 3)) - 1
 
 
+def _guarded(method):
+    """Run a method only while the native session exists; free() waits for it."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._use():
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class NativeSession:
-    """One target's pager state in the native core."""
+    """One target's pager state in the native core.
+
+    Methods may be called from the event loop thread and from worker
+    threads at once; free() waits until no call is running and makes any
+    later call fail with ESRCH, so C memory is never used after it is freed.
+    """
 
     def __init__(self, uffd: int, pid: int, ranges: list[tuple[int, int]]):
         """Takes ownership of `uffd` on success."""
@@ -144,53 +161,84 @@ class NativeSession:
         if self._s == ffi.NULL:
             raise OSError(err[0], f"creating the session: {os.strerror(err[0])}")
         self.nranges = len(ranges)
-        self._started = False
+        self._calls = 0
+        self._freed = False
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def _use(self):
+        with self._cond:
+            if self._freed:
+                raise OSError(errno.ESRCH, "the session has ended")
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._calls -= 1
+                if not self._calls:
+                    self._cond.notify_all()
 
     # -- lifecycle --------------------------------------------------------
+    @_guarded
     def register(self) -> None:
         buf = ffi.new("char[]", 512)
         rc = lib.mc_session_register(self._s, buf, 512)
         if rc < 0:
             raise OSError(-rc, ffi.string(buf).decode(errors="replace") or os.strerror(-rc))
 
+    @_guarded
     def start(self) -> None:
         check(lib.mc_session_start(self._s), "starting the fault thread")
         self._started = True
 
+    @_guarded
     def stop(self) -> None:
         lib.mc_session_stop(self._s)
 
+    @_guarded
     def unregister(self) -> int:
         return lib.mc_session_unregister(self._s)
 
     def free(self) -> None:
-        """Stop the fault thread, free the page tables and every copy, close the uffd."""
-        if self._s != ffi.NULL:
-            lib.mc_session_free(self._s)
-            self._s = ffi.NULL
+        """Stop the fault thread, free the page tables and every copy, close the uffd.
+        Blocks until calls in progress are done (call it from a worker thread)."""
+        with self._cond:
+            if self._freed:
+                return
+            self._freed = True
+            while self._calls:
+                self._cond.wait()
+        lib.mc_session_free(self._s)
+        self._s = ffi.NULL
 
     @property
     def notify_fd(self) -> int:
         return lib.mc_session_notify_fd(self._s)
 
+    @_guarded
     def arm_notify(self) -> None:
         lib.mc_session_arm_notify(self._s)
 
     @property
     def dead(self) -> bool:
-        return bool(lib.mc_session_dead(self._s))
+        with self._cond:
+            return self._freed or bool(lib.mc_session_dead(self._s))
 
     # -- numbers -------------------------------------------------------------
+    @_guarded
     def counters(self) -> dict[str, int]:
         c = ffi.new("struct mc_counters *")
         lib.mc_session_counters(self._s, c)
         return {k: getattr(c, k) for k in COUNTER_NAMES}
 
+    @_guarded
     def histogram(self) -> list[int]:
         h = ffi.new("uint64_t[]", HIST_BUCKETS)
         lib.mc_session_hist(self._s, h)
         return list(h)
 
+    @_guarded
     def range_info(self, index: int) -> RangeInfo:
         info = ffi.new("struct mc_range_info *")
         check(lib.mc_range_get(self._s, index, info), "range")
@@ -198,9 +246,11 @@ class NativeSession:
                          {name: info.nstate[i] for i, name in enumerate(STATES)},
                          info.bytes_compressed)
 
+    @_guarded
     def ranges(self) -> list[RangeInfo]:
         return [self.range_info(i) for i in range(self.nranges)]
 
+    @_guarded
     def addr_to_page(self, addr: int) -> tuple[int, int]:
         r = ffi.new("uint32_t *")
         p = ffi.new("uint64_t *")
@@ -208,6 +258,7 @@ class NativeSession:
         return r[0], p[0]
 
     # -- operations (call from a worker thread) ------------------------------
+    @_guarded
     def compress(self, runs: list[Run], for_evict: bool = False) -> OpResult:
         res = ffi.new("struct mc_op_result *")
         out = OpResult()
@@ -217,6 +268,7 @@ class NativeSession:
         check(rc, "compress")
         return out
 
+    @_guarded
     def evict_prepare(self, runs: list[Run], cap: int) -> tuple[list[tuple[int, int]], OpResult]:
         res = ffi.new("struct mc_op_result *")
         out = ffi.new("struct mc_addr_run[]", max(1, cap))
@@ -225,6 +277,7 @@ class NativeSession:
         r.add(res)
         return [(out[i].addr, out[i].length) for i in range(n)], r
 
+    @_guarded
     def evict_complete(self, addr_runs: list[tuple[int, int]], status: int) -> OpResult:
         arr = ffi.new("struct mc_addr_run[]", max(1, len(addr_runs)))
         for i, (a, n) in enumerate(addr_runs):
@@ -235,6 +288,7 @@ class NativeSession:
         r.add(res)
         return r
 
+    @_guarded
     def restore(self, runs: list[Run], final: bool = False, verify: bool = False) -> OpResult:
         res = ffi.new("struct mc_op_result *")
         flags = (lib.MC_RESTORE_FINAL if final else 0) | (lib.MC_RESTORE_VERIFY if verify else 0)
@@ -244,10 +298,12 @@ class NativeSession:
         check(rc, "restore")
         return out
 
+    @_guarded
     def mark_prefetch(self, runs: list[Run]) -> None:
         check(lib.mc_mark_prefetch(self._s, runs_array(runs), len(runs)), "prefetch")
 
     # -- inspection ------------------------------------------------------------
+    @_guarded
     def select(self, range_index: int | None, states: int, min_age_ms: int = 0,
                max_pages: int = 0, order: int = 0) -> tuple[list[Run], int]:
         """Runs of pages in `states` (a STATE_BITS mask) idle >= min_age_ms; with
@@ -263,16 +319,27 @@ class NativeSession:
                 return [(out[i].range, out[i].first, out[i].count) for i in range(n)], npages[0]
             cap *= 4
 
+    @_guarded
+    def age_hist(self, range_index: int | None, states: int, min_age_ms: int = 0) -> list[int]:
+        """Pages in `states` by age class: class 0 is age 0, class k holds ages in [2**(k-1), 2**k) ms."""
+        out = ffi.new("uint64_t[]", lib.MC_AGE_CLASSES)
+        check(lib.mc_age_hist(self._s, -1 if range_index is None else range_index, states,
+                              min_age_ms, out), "age histogram")
+        return list(out)
+
+    @_guarded
     def page_info(self, range_index: int, first: int, count: int):
         out = ffi.new("struct mc_page_info[]", max(1, count))
         check(lib.mc_page_info(self._s, range_index, first, count, out), "pages")
         return out
 
+    @_guarded
     def read_data(self, range_index: int, first: int, count: int) -> bytes:
         buf = ffi.new("char[]", count * PAGE_SIZE)
         check(lib.mc_read_data(self._s, range_index, first, count, buf), "data")
         return ffi.buffer(buf)[:]
 
+    @_guarded
     def trace_read(self, cursor: int, cap: int = 256):
         """(events, new cursor, missed) from the session's trace ring."""
         cur = ffi.new("uint64_t *", cursor)

@@ -19,12 +19,15 @@ from collections import Counter
 import trio
 
 from . import core, protocol
+from .config import Config
 from .events import EventCounts
 from .session import Session
 
 log = logging.getLogger("memfs.daemon")
 
-GLOBAL_EVENTS = ("sessions_started", "sessions_ended", "sessions_refused")
+GLOBAL_EVENTS = ("sessions_started", "sessions_ended", "sessions_refused", "compress", "evict",
+                 "prefetch", "restore_fail")
+WATCH_SECONDS = 0.25  # how often the fault threads' own news (restore failures) is looked for
 SHUTDOWN_SECONDS = 60
 # Counters that are levels, not totals: an ended session stops contributing.
 LEVEL_COUNTERS = {"store_pages", "store_bytes_logical", "store_bytes_compressed",
@@ -32,14 +35,16 @@ LEVEL_COUNTERS = {"store_pages", "store_bytes_logical", "store_bytes_compressed"
 
 
 class Daemon:
-    def __init__(self, socket_path: str = protocol.DEFAULT_SOCKET):
+    def __init__(self, socket_path: str = protocol.DEFAULT_SOCKET, config: Config | None = None):
         self.socket_path = socket_path
+        self.config = config or Config()
         self.sessions: dict[int, Session] = {}
         self.sessions_total = 0
         self._next_id = 1
         self.limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
         self.ended_totals: Counter = Counter()
         self.ended_latency_max = 0
+        self.ended_hist = [0] * core.HIST_BUCKETS
         self.events = EventCounts(GLOBAL_EVENTS)
         self.started = time.time()
         self._nursery: trio.Nursery | None = None
@@ -61,6 +66,7 @@ class Daemon:
             if k not in LEVEL_COUNTERS:
                 self.ended_totals[k] += v
         self.ended_latency_max = max(self.ended_latency_max, s.final_counters.get("fault_latency_ns_max", 0))
+        self.ended_hist = [a + b for a, b in zip(self.ended_hist, s.final_hist)]
         self.events.bump("sessions_ended")
         done, self._session_done = self._session_done, trio.Event()
         done.set()
@@ -85,6 +91,27 @@ class Daemon:
         result["store_bytes_peak"] = st["bytes_peak"]
         result["store_blobs"] = st["blobs"]
         return result
+
+    def histogram(self) -> list[int]:
+        """Fault latencies of all sessions ever."""
+        h = list(self.ended_hist)
+        for s in list(self.sessions.values()):
+            h = [a + b for a, b in zip(h, s.histogram())]
+        return h
+
+    async def _watch_sessions(self) -> None:
+        """Turn what the fault threads counted into events scripts can poll for."""
+        seen: dict[int, int] = {}
+        while True:
+            await trio.sleep(WATCH_SECONDS)
+            for sid, s in list(self.sessions.items()):
+                fails = s.counters().get("restore_fail", 0)
+                if fails > seen.get(sid, 0):
+                    s.events.bump("restore_fail", fails - seen.get(sid, 0))
+                    self.events.bump("restore_fail", fails - seen.get(sid, 0))
+                seen[sid] = fails
+            for sid in set(seen) - set(self.sessions):
+                del seen[sid]
 
     # -- serving --------------------------------------------------------------------------
     async def _listen(self) -> trio.socket.SocketType:
@@ -114,6 +141,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._accept_loop, listener)
+                nursery.start_soon(self._watch_sessions)
                 log.info("listening on %s", self.socket_path)
                 task_status.started(self)
         finally:
@@ -137,10 +165,6 @@ class Daemon:
                 # a bug must cost one session, never the daemon
                 log.exception("%s failed", session)
                 self.remove_session(session)
-
-    def start_soon(self, fn, *args) -> None:
-        """Run a task in the daemon's nursery (for components attached later)."""
-        self._nursery.start_soon(fn, *args)
 
     async def shutdown(self) -> None:
         """End every session gracefully (targets get their pages back), then stop."""

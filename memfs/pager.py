@@ -81,10 +81,12 @@ def chunked(runs: list[Run], limit: int = CHUNK_PAGES):
 
 
 class Pager:
-    def __init__(self, native: NativeSession, source: MemorySource, limiter: trio.CapacityLimiter):
+    def __init__(self, native: NativeSession, source: MemorySource, limiter: trio.CapacityLimiter,
+                 on_done=lambda verb: None):
         self.native = native
         self.source = source
         self._limiter = limiter
+        self._on_done = on_done  # told the verb after each operation that completed
         self._op_lock = trio.Lock()
         self._op_scopes: set[trio.CancelScope] = set()
         self._inflight: dict[int, _Eviction] = {}
@@ -106,7 +108,9 @@ class Pager:
             try:
                 async with self._op_lock:
                     self._begin()
-                    return await body()
+                    result = await body()
+                self._on_done(body.__name__)
+                return result
             finally:
                 self._op_scopes.discard(scope)
         raise SessionEnded()
@@ -114,19 +118,19 @@ class Pager:
     # -- operations ------------------------------------------------------------
     async def compress(self, runs: list[Run]) -> OpResult:
         """Give pages a compressed copy; they stay in the target, write-protected."""
-        async def body():
+        async def compress():
             total = OpResult()
             for chunk in chunked(runs):
                 total.merge(await self._in_thread(self.native.compress, chunk, False))
             return total
-        return await self._run_op(body)
+        return await self._run_op(compress)
 
     async def evict(self, runs: list[Run]) -> OpResult:
         """Free pages from the target, compressing first where needed; done = pages freed."""
         if not self.source.can_free:
             raise OSError(errno.EOPNOTSUPP, "this session is wp-only: its pages cannot be freed")
 
-        async def body():
+        async def evict():
             total = OpResult()
             for chunk in chunked(runs, min(CHUNK_PAGES, protocol.EVICT_MAX_RUNS)):
                 await self._in_thread(self.native.compress, chunk, True)
@@ -140,17 +144,17 @@ class Pager:
                 total.done += ev.result.done
                 total.skipped += prep.seen - ev.result.done
             return total
-        return await self._run_op(body)
+        return await self._run_op(evict)
 
     async def prefetch(self, runs: list[Run]) -> OpResult:
         """Put evicted pages back before they are touched (they stay tracked: state clean)."""
-        async def body():
+        async def prefetch():
             self.native.mark_prefetch(runs)
             total = OpResult()
             for chunk in chunked(runs):
                 total.merge(await self._in_thread(self.native.restore, chunk, False))
             return total
-        return await self._run_op(body)
+        return await self._run_op(prefetch)
 
     # -- evictions in flight ------------------------------------------------------
     async def _start_eviction(self, addr_runs) -> _Eviction:

@@ -27,8 +27,9 @@ import time
 
 import trio
 
-from . import protocol
-from .core import NativeSession
+from . import protocol, report
+from .config import SessionConfig
+from .core import HIST_BUCKETS, NativeSession
 from .events import EventCounts
 from .pager import NoFree, Pager
 
@@ -39,7 +40,7 @@ HANDSHAKE_SECONDS = 30
 PREFETCH_QUEUE = 256
 UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1 << 0
 USER_ADDR_LIMIT = 1 << 47
-SESSION_EVENTS = ("compress", "evict", "prefetch", "prefetch_dropped", "restore_fail", "ended")
+SESSION_EVENTS = ("compress", "evict", "prefetch", "prefetch_dropped", "restore_fail", "degraded", "ended")
 
 
 class AgentSource:
@@ -126,7 +127,13 @@ class Session:
         self.started = time.time()
         self.end_reason = ""
         self.final_counters: dict[str, int] = {}
+        self.final_hist: list[int] = [0] * HIST_BUCKETS
+        self.config = SessionConfig(daemon.config)
         self.events = EventCounts(SESSION_EVENTS)
+        self._activity = trio.Event()
+        self._activity_waiters = 0
+        self._activity_watched = False
+        self._nursery: trio.Nursery | None = None
         self._send_lock = trio.Lock()
         self._seq = 0
         self._reader = protocol.FrameReader()
@@ -264,7 +271,7 @@ class Session:
             raise protocol.ProtocolError(e.errno or errno.EIO, e.strerror or str(e), seq)
         source = AgentSource(self) if hello.caps & protocol.CAP_AGENT else NoFree()
         self.mode = source.mode
-        self.pager = Pager(native, source, self.daemon.limiter)
+        self.pager = Pager(native, source, self.daemon.limiter, on_done=self._op_done)
         self.id = self.daemon.add_session(self)
         self.state = "running"
         await self.send(protocol.encode_ack(self.next_seq(), protocol.START, seq, self.id))
@@ -273,6 +280,7 @@ class Session:
 
     async def _running(self) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._read_loop)
             nursery.start_soon(self._watch_pid)
             nursery.start_soon(self._prefetcher)
@@ -298,6 +306,7 @@ class Session:
         self.state = "ended"
         if self.native is not None:
             self.final_counters = self.native.counters()
+            self.final_hist = self.native.histogram()
             await trio.to_thread.run_sync(self.native.free)
         self.events.bump("ended")
         self.daemon.remove_session(self)
@@ -366,25 +375,57 @@ class Session:
             trio.lowlevel.notify_closing(pidfd)
             os.close(pidfd)
 
+    def _op_done(self, verb: str) -> None:
+        self.events.bump(verb)
+        self.daemon.events.bump(verb)
+
+    async def wait_activity(self) -> None:
+        """Return after the fault thread or an operation did something (trace events)."""
+        if self.state == "ended" or self._nursery is None:
+            return
+        self._activity_waiters += 1
+        try:
+            if not self._activity_watched:
+                self._activity_watched = True
+                self._nursery.start_soon(self._watch_activity)
+            await self._activity.wait()
+        finally:
+            self._activity_waiters -= 1
+
+    async def _watch_activity(self) -> None:
+        """While someone waits, relay the native core's notifications (an eventfd).
+
+        Armed only while needed: an armed core writes the eventfd on every
+        trace event, which would cost every fault a wakeup of this loop."""
+        fd = self.native.notify_fd
+        try:
+            while self._activity_waiters and self.state in ("running", "stopping"):
+                self.native.arm_notify()
+                with trio.move_on_after(1):
+                    await trio.lowlevel.wait_readable(fd)
+                    try:
+                        os.read(fd, 8)
+                    except BlockingIOError:
+                        pass
+                ev, self._activity = self._activity, trio.Event()
+                ev.set()
+        finally:
+            self._activity_watched = False
+            trio.lowlevel.notify_closing(fd)  # the fd closes with the native session
+            ev, self._activity = self._activity, trio.Event()
+            ev.set()
+
     # -- reporting ---------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
         if self.native is not None and self.state != "ended":
             return self.native.counters()
         return dict(self.final_counters)
 
+    def histogram(self) -> list[int]:
+        if self.native is not None and self.state != "ended":
+            return self.native.histogram()
+        return list(self.final_hist)
+
     def _log_summary(self) -> None:
-        if not self.id:
-            return
-        c = self.final_counters
-        lines = [f"session {self.id} pid {self.pid} ({self.comm}) ended after "
-                 f"{time.time() - self.started:.1f} s: {self.end_reason}; mode {self.mode}"]
-        keys = ("faults_missing", "faults_wp", "faults_held", "restore_ok", "restore_fail", "zero_fill",
-                "uffd_ioctl_fail", "compress_attempts", "compress_ok", "compress_incompressible",
-                "evict_ok", "evict_fail", "prefetch_issued", "prefetch_hits", "prefetch_misses",
-                "store_bytes_peak")
-        lines.append("  " + " ".join(f"{k}={c.get(k, 0)}" for k in keys))
-        n = c.get("faults_missing", 0) + c.get("faults_wp", 0)
-        if n:
-            lines.append(f"  fault_latency_ns mean={c.get('fault_latency_ns_total', 0) // n} "
-                         f"max={c.get('fault_latency_ns_max', 0)}")
-        summary_log.info("\n".join(lines))
+        if self.id:
+            summary_log.info(report.summary(self))

@@ -59,3 +59,43 @@ async def targets():
     yield start
     for t in started:
         await t.kill()
+
+
+@pytest.fixture
+async def fsd(tmp_path):
+    """Start daemons with a mounted filesystem: `await fsd(*serve_args, base=dir)`."""
+    from fsutil import FsDaemon
+    started = []
+
+    async def start(*args, base=None):
+        d = FsDaemon(base or tmp_path, *args)
+        started.append(d)  # stopped at the end even if it fails to come up
+        return await d.start()
+
+    yield start
+    for d in started:
+        await d.stop()
+
+
+@pytest.fixture
+def public_tmp():
+    """A temp dir other users can traverse (pytest's own are root's alone)."""
+    import shutil
+    import tempfile
+    path = Path(tempfile.mkdtemp(prefix="memfs-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def unprivileged_userfaultfd():
+    """Let non-root targets create a userfaultfd for one test (restored afterwards)."""
+    path = "/proc/sys/vm/unprivileged_userfaultfd"
+    with open(path) as f:
+        saved = f.read().strip()
+    with open(path, "w") as f:
+        f.write("1")
+    yield
+    with open(path, "w") as f:
+        f.write(saved)

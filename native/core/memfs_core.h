@@ -57,6 +57,7 @@
 #define MC_TR_FAIL 12      /* a restore failed */
 #define MC_TR_READAHEAD 13 /* pages restored after a sequential fault */
 
+#define MC_AGE_CLASSES 33 /* page ages: 0 ms, then one class per power of two */
 #define MC_HIST_BUCKETS 256 /* fault latency: 8 sub-buckets per power of two */
 #define MC_PAGE_SIZE 4096
 
@@ -88,6 +89,7 @@ struct mc_counters {
 	uint64_t compress_incompressible;
 	uint64_t compress_same_filled;
 	uint64_t compress_raced;
+	uint64_t compress_store_full;
 	uint64_t evict_requests;
 	uint64_t evict_ok;
 	uint64_t evict_fail;
@@ -124,6 +126,8 @@ struct mc_tunables {
 	uint32_t faultaround_pages;   /* zero pages mapped around a fault on untouched memory */
 	uint32_t readahead_max_pages; /* most pages restored after a sequential fault */
 	uint32_t debug_unsafe_evict;  /* TESTS ONLY: let writes through during eviction (loses them) */
+	uint32_t reserved;
+	uint64_t store_cap_bytes; /* the store takes no new blob beyond this (0: no limit) */
 };
 
 struct mc_range_info {
@@ -201,6 +205,8 @@ int mc_mark_prefetch(struct mc_session *s, const struct mc_run *runs, size_t nru
 int64_t mc_select(struct mc_session *s, int32_t range, uint32_t state_mask, uint32_t min_age_ms,
 		  uint64_t max_pages, int order, struct mc_run *out, size_t cap,
 		  uint64_t *npages);
+int mc_age_hist(struct mc_session *s, int32_t range, uint32_t state_mask, uint32_t min_age_ms,
+		uint64_t *out);
 int mc_page_info(struct mc_session *s, uint32_t range, uint64_t first, uint64_t count,
 		 struct mc_page_info *out);
 int mc_read_data(struct mc_session *s, uint32_t range, uint64_t first, uint64_t count, void *buf);

@@ -75,7 +75,7 @@ static int compress_batch(struct mc_session *s, struct range *r, uint64_t first,
 	struct cand c[CBATCH];
 	struct iovec local[CBATCH], remote[CBATCH];
 	int nc = 0, nio = 0;
-	uint64_t attempts = 0, ok = 0, incompressible = 0, same = 0, raced = 0;
+	uint64_t attempts = 0, ok = 0, incompressible = 0, same = 0, raced = 0, full = 0;
 	int cap = (int)(PAGE * (100 - (tun.min_savings_pct > 100 ? 100 : tun.min_savings_pct)) / 100);
 	ssize_t want = 0, got;
 
@@ -152,6 +152,7 @@ static int compress_batch(struct mc_session *s, struct range *r, uint64_t first,
 		c[i].copy = store_alloc((uint32_t)len, &slot);
 		if (!c[i].copy) {
 			c[i].kind = 0;
+			full++;
 			continue;
 		}
 		memcpy(slot, out, (size_t)len);
@@ -203,6 +204,7 @@ static int compress_batch(struct mc_session *s, struct range *r, uint64_t first,
 	s->c.compress_incompressible += incompressible;
 	s->c.compress_same_filled += same;
 	s->c.compress_raced += raced;
+	s->c.compress_store_full += full;
 	if (ok)
 		trace_add(s, MC_TR_COMPRESS, r->index, first, ok, 0, 0);
 	pthread_mutex_unlock(&s->lock);

@@ -538,6 +538,32 @@ static inline unsigned age_bucket(uint32_t age)
 	return age ? 32u - (unsigned)__builtin_clz(age) : 0u; /* 0..32 */
 }
 
+/* Pages in `state_mask` states idle at least min_age_ms, by age class (caller holds s->lock). */
+static void age_hist(struct mc_session *s, uint32_t lo, uint32_t hi, uint32_t state_mask,
+		     uint32_t min_age_ms, uint32_t now, uint64_t *hist)
+{
+	for (uint32_t ri = lo; ri < hi; ri++)
+		for (uint64_t j = 0; j < s->ranges[ri].npages; j++) {
+			struct page *p = &s->ranges[ri].pages[j];
+			uint32_t age = now - p->stamp_ms;
+			if ((state_mask >> p->state) & 1 && age >= min_age_ms)
+				hist[age_bucket(age)]++;
+		}
+}
+
+int mc_age_hist(struct mc_session *s, int32_t range, uint32_t state_mask, uint32_t min_age_ms,
+		uint64_t *out)
+{
+	uint32_t lo = range < 0 ? 0 : (uint32_t)range, hi = range < 0 ? s->nranges : (uint32_t)range + 1;
+	if (range >= 0 && (uint32_t)range >= s->nranges)
+		return -ERANGE;
+	memset(out, 0, MC_AGE_CLASSES * sizeof *out);
+	pthread_mutex_lock(&s->lock);
+	age_hist(s, lo, hi, state_mask, min_age_ms, (uint32_t)mc_now_ms(), out);
+	pthread_mutex_unlock(&s->lock);
+	return 0;
+}
+
 /*
  * Runs of pages in `state_mask` states idle at least min_age_ms.  With a
  * max_pages limit, `order` > 0 takes the oldest first and < 0 the youngest
@@ -548,7 +574,7 @@ int64_t mc_select(struct mc_session *s, int32_t range, uint32_t state_mask, uint
 		  uint64_t max_pages, int order, struct mc_run *out, size_t cap, uint64_t *npages)
 {
 	uint32_t now = (uint32_t)mc_now_ms();
-	uint64_t hist[33] = {0}, taken = 0;
+	uint64_t hist[MC_AGE_CLASSES] = {0}, taken = 0;
 	int cut = -1; /* the age class partly taken; classes beyond it (in `order`) are all taken */
 	uint64_t in_cut_allowed = 0;
 	int64_t nout = 0;
@@ -561,15 +587,9 @@ int64_t mc_select(struct mc_session *s, int32_t range, uint32_t state_mask, uint
 	pthread_mutex_lock(&s->lock);
 	if (order && max_pages != UINT64_MAX) {
 		uint64_t acc = 0;
-		for (uint32_t ri = lo; ri < hi; ri++)
-			for (uint64_t j = 0; j < s->ranges[ri].npages; j++) {
-				struct page *p = &s->ranges[ri].pages[j];
-				uint32_t age = now - p->stamp_ms;
-				if ((state_mask >> p->state) & 1 && age >= min_age_ms)
-					hist[age_bucket(age)]++;
-			}
-		for (int k = 0; k < 33 && acc < max_pages; k++) {
-			cut = order > 0 ? 32 - k : k;
+		age_hist(s, lo, hi, state_mask, min_age_ms, now, hist);
+		for (int k = 0; k < MC_AGE_CLASSES && acc < max_pages; k++) {
+			cut = order > 0 ? MC_AGE_CLASSES - 1 - k : k;
 			acc += hist[cut];
 		}
 		in_cut_allowed = cut >= 0 ? hist[cut] - (acc > max_pages ? acc - max_pages : 0) : 0;

@@ -162,6 +162,10 @@ uint64_t store_alloc(uint32_t len, void **ptr)
 	uint64_t before;
 
 	pthread_mutex_lock(&S.lock);
+	if (tun.store_cap_bytes && S.st.bytes_used >= tun.store_cap_bytes) {
+		pthread_mutex_unlock(&S.lock);
+		return 0; /* full: the page keeps living in the target */
+	}
 	id = S.partial[cls];
 	if (id == NO_CHUNK)
 		id = grow(cls);

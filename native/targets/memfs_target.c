@@ -17,7 +17,8 @@
  * MEMFS_TARGET_DEBUG=1 makes stress report the first lost write of each writer on stderr.
  *
  * Data sets (4 KiB pages): zero, text (word records), ints (small
- * integers), random (incompressible), mixed (the four in turn).
+ * integers), random (incompressible), mixed (the four in turn), none
+ * (nothing written: the pages stay untouched).
  */
 #define _GNU_SOURCE
 #include "predicomp_client.h"
@@ -273,7 +274,7 @@ int main(int argc, char **argv)
 		else if (!strcmp(argv[i], "--no-start"))
 			start = 0;
 		else {
-			fprintf(stderr, "usage: %s [--mb N] [--pattern mixed|text|ints|random|zero] "
+			fprintf(stderr, "usage: %s [--mb N] [--pattern mixed|text|ints|random|zero|none] "
 					"[--seed S] [--socket PATH] [--ranges K] [--no-start]\n",
 				argv[0]);
 			return 2;
@@ -289,9 +290,16 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	expect = malloc(npages * sizeof *expect);
-	for (size_t i = 0; i < npages; i++) {
-		gen_page(region + i * PAGE, i);
-		expect[i] = fnv(region + i * PAGE, PAGE);
+	if (!strcmp(pattern, "none")) { /* leave the region untouched: it reads as zeros */
+		static const uint8_t zero[PAGE];
+		uint64_t h = fnv(zero, PAGE);
+		for (size_t i = 0; i < npages; i++)
+			expect[i] = h;
+	} else {
+		for (size_t i = 0; i < npages; i++) {
+			gen_page(region + i * PAGE, i);
+			expect[i] = fnv(region + i * PAGE, PAGE);
+		}
 	}
 	if (start) {
 		uint64_t sid = 0;

@@ -1,0 +1,153 @@
+"""Settings: one place defines each knob, its format, its default and its meaning.
+
+The same definitions serve `memfs serve --NAME`, the files of `config/`
+(one value per file; writes use the read format; "max" means unlimited;
+a bad value fails with EINVAL and keeps the old one) and, for the
+settings a session may override, `sessions/<id>/config/`.  Settings the
+native core needs are pushed to it whenever they change.
+"""
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import Callable
+
+from . import core
+from .selection import parse_size
+
+MAX = None  # "max": unlimited
+
+
+def _int_range(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text, 10)
+        except ValueError:
+            raise ValueError(f"not an integer: {text!r}")
+        if not lo <= v <= hi:
+            raise ValueError(f"{v} is outside {lo}..{hi}")
+        return v
+    return parse
+
+
+def _bytes_or_max(text: str):
+    if text == "max":
+        return MAX
+    try:
+        return parse_size(text)
+    except OSError:
+        raise ValueError(f"not a size: {text!r} (bytes, with K/M/G suffix, or max)")
+
+
+def _choice(*names: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in names:
+            raise ValueError(f"{text!r} is not one of {' '.join(names)}")
+        return text
+    return parse
+
+
+def _fmt(v) -> str:
+    return "max" if v is MAX else str(v)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: object
+    parse: Callable[[str], object]
+    doc: str
+    per_session: bool = False  # may be overridden in sessions/<id>/config/
+    native: str = ""  # the native tunable it sets, if any
+
+    def format(self, value) -> str:
+        return _fmt(value)
+
+
+SETTINGS = {s.name: s for s in [
+    Setting("cold_age_ms", 30_000, _int_range(1, 86_400_000),
+            "a page idle this long is cold", per_session=True),
+    Setting("damon_read_ms", 200, _int_range(10, 60_000),
+            "how often the access source is read"),
+    Setting("soft_cap_bytes", MAX, _bytes_or_max,
+            "resident registered memory a session may keep before its coldest pages are evicted",
+            per_session=True),
+    Setting("store_cap_bytes", MAX, _bytes_or_max,
+            "memory the compressed store may use; compressing stops there"),
+    Setting("codec", "lz4", _choice(*core.CODECS),
+            "compressor for new copies: lz4, lz4hc (smaller, slower), lz4fast", native="codec"),
+    Setting("min_savings_pct", 12, _int_range(0, 99),
+            "a page must shrink by this much to count as compressible (else it is kept raw)",
+            native="min_savings_pct"),
+    Setting("spin_us", 0, _int_range(0, 10_000),
+            "the fault thread keeps polling this long after a fault before it sleeps",
+            native="spin_us"),
+    Setting("faultaround_pages", 16, _int_range(1, 512),
+            "zero pages mapped around a first touch of untouched memory", native="faultaround_pages"),
+    Setting("readahead_max_pages", 0, _int_range(0, 256),
+            "most pages restored after a sequential fault (0: off)", native="readahead_max_pages"),
+    Setting("policy", "on", _choice("on", "off"),
+            "let the daemon compress and evict cold pages by itself", per_session=True),
+]}
+
+
+class Config:
+    """Current values; `set` validates, keeps the old value on error, pushes native ones."""
+
+    def __init__(self, **overrides):
+        self.values = {name: s.default for name, s in SETTINGS.items()}
+        for name, value in overrides.items():
+            if value is not None:
+                self.set(name, str(value))
+        self._apply_native()
+
+    def get(self, name: str):
+        return self.values[name]
+
+    def render(self, name: str) -> str:
+        return SETTINGS[name].format(self.values[name]) + "\n"
+
+    def set(self, name: str, text: str) -> None:
+        s = SETTINGS.get(name)
+        if s is None:
+            raise OSError(errno.ENOENT, f"no setting {name}")
+        try:
+            value = s.parse(text.strip())
+        except ValueError as e:
+            raise OSError(errno.EINVAL, f"{name}: {e}")
+        self.values[name] = value
+        if s.native or name == "store_cap_bytes":
+            self._apply_native()
+
+    def _apply_native(self) -> None:
+        t = {s.native: (core.CODECS[self.values[n]] if n == "codec" else self.values[n])
+             for n, s in SETTINGS.items() if s.native}
+        cap = self.values["store_cap_bytes"]
+        t["store_cap_bytes"] = 0 if cap is MAX else cap
+        core.set_tunables(**t)
+
+
+class SessionConfig:
+    """A session's overrides of the per-session settings; the rest is inherited."""
+
+    def __init__(self, parent: Config):
+        self.parent = parent
+        self.overrides: dict[str, object] = {}
+
+    def get(self, name: str):
+        return self.overrides.get(name, self.parent.get(name))
+
+    def render(self, name: str) -> str:
+        return SETTINGS[name].format(self.get(name)) + "\n"
+
+    def set(self, name: str, text: str) -> None:
+        s = SETTINGS.get(name)
+        if s is None or not s.per_session:
+            raise OSError(errno.ENOENT, f"no per-session setting {name}")
+        if text.strip() == "inherit":
+            self.overrides.pop(name, None)
+            return
+        try:
+            self.overrides[name] = s.parse(text.strip())
+        except ValueError as e:
+            raise OSError(errno.EINVAL, f"{name}: {e}")

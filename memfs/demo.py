@@ -1,0 +1,134 @@
+"""`memfs demo`: the whole product in one run, through the filesystem.
+
+Starts a daemon with its filesystem in a private directory, starts a
+target holding a data set, then compresses, evicts and prefetches its
+memory with `echo > ctl`, showing with `cat` what each step did to the
+target's RSS and to the store.  Every shell command is printed before its
+output, so the transcript doubles as a tutorial.  Everything it started
+is stopped and unmounted at the end, whatever happens.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = ROOT / "native" / "build" / "memfs-target"
+KEYS = ("rss_anon_bytes", "pages_resident", "pages_clean", "pages_compressed", "pages_zero",
+        "store_bytes_logical", "store_bytes_compressed", "store_bytes_used", "faults_missing",
+        "restore_ok", "evict_ok", "prefetch_restored")
+
+
+def step(title: str) -> None:
+    print(f"\n== {title}", flush=True)
+
+
+def shell(cmd: str, cwd: Path) -> str:
+    print(f"$ {cmd}", flush=True)
+    r = subprocess.run(["bash", "-c", cmd], cwd=cwd, capture_output=True, text=True)
+    out = r.stdout + r.stderr
+    if out:
+        print(out.rstrip(), flush=True)
+    return r.stdout
+
+
+def mib(n: int) -> str:
+    return f"{n / 1048576:.1f} MiB"
+
+
+def run(mb: int, pattern: str, keep: bool) -> int:
+    work = Path(tempfile.mkdtemp(prefix="memfs-demo-"))
+    sock, mnt = work / "memfs.sock", work / "mnt"
+    procs: list[subprocess.Popen] = []
+    try:
+        step("start the daemon and mount its filesystem")
+        print(f"$ memfs serve --socket {sock} --mount {mnt} &", flush=True)
+        daemon = subprocess.Popen([sys.executable, "-m", "memfs", "serve", "--socket", str(sock),
+                                   "--mount", str(mnt)], env=dict(os.environ, MEMFS_NO_BOOTSTRAP="1"))
+        procs.append(daemon)
+        deadline = time.time() + 30
+        while not (mnt / "version").exists():
+            if daemon.poll() is not None or time.time() > deadline:
+                print("memfs demo: the daemon did not start", file=sys.stderr)
+                return 1
+            time.sleep(0.05)
+        shell("cat version", mnt)
+
+        step(f"start a target: {mb} MiB of '{pattern}' data, registered with the daemon")
+        print(f"$ {TARGET} --mb {mb} --pattern {pattern} --socket {sock} &", flush=True)
+        target = subprocess.Popen([str(TARGET), "--mb", str(mb), "--pattern", pattern, "--socket", str(sock)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        procs.append(target)
+        ready = target.stdout.readline().split()
+        if not ready or ready[0] != "READY":
+            print(f"memfs demo: the target did not start: {' '.join(ready)}", file=sys.stderr)
+            return 1
+        info = dict(kv.split("=") for kv in ready[1:])
+        sdir = mnt / "sessions" / info["session"]
+        shell("ls sessions by-pid; cat sessions/*/comm sessions/*/mode", mnt)
+        show = f"grep -E '^({'|'.join(KEYS)}) ' stat"
+        before = stat(sdir)
+        shell(show, sdir)
+
+        step("compress: every page gets a compressed copy; the target keeps its memory")
+        shell("time echo compress > ctl", sdir)
+        shell(show, sdir)
+        shell("awk '{n[$2]++} END {for (s in n) print s, n[s]}' ranges/0/pages", sdir)
+
+        step("evict: the pages leave the target; their copies stay in the store")
+        shell("time echo evict > ctl", sdir)
+        evicted = stat(sdir)
+        shell(show, sdir)
+        shell("grep -E '^(store_bytes_used|store_bytes_compressed|sessions_active) ' ../../stat", sdir)
+
+        step("the target reads its memory back: every page faults in from the store")
+        target.stdin.write("verify\n")
+        print(f"target: {target.stdout.readline().strip()}", flush=True)
+        shell(show + " | grep -E 'rss|faults|restore'", sdir)
+        shell("grep -E '^fault_latency_ns_p(50|99) ' stat", sdir)
+
+        step("evict again, then prefetch: pages come back before they are touched")
+        shell("echo evict > ctl; time echo prefetch > ctl", sdir)
+        shell(show, sdir)
+
+        step("savings")
+        saved = before["rss_anon_bytes"] - evicted["rss_anon_bytes"]
+        cost = evicted["store_bytes_used"]
+        print(f"registered {mib(before['registered_bytes'])}; evicting freed {mib(saved)} of the target's RSS "
+              f"for {mib(cost)} of store: net {mib(saved - cost)} saved "
+              f"(compression ratio {before['registered_bytes'] / max(1, evicted['store_bytes_compressed']):.2f})")
+
+        step("stop: the target ends its session, its memory is all back")
+        target.stdin.write("verify\n")
+        print(f"target: {target.stdout.readline().strip()}", flush=True)
+        target.stdin.write("stop\n")
+        print(f"target: {target.stdout.readline().strip()}", flush=True)
+        target.stdin.write("exit\n")
+        target.wait(timeout=30)
+        shell("ls sessions; grep -E '^(sessions_total|evict_ok|restore_ok) ' stat", mnt)
+        if keep:
+            print(f"\nmemfs demo: daemon still running, mounted at {mnt}; stop it with: kill {daemon.pid}")
+            procs.remove(daemon)
+        return 0
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        if not keep:
+            if os.path.ismount(mnt):
+                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def stat(sdir: Path) -> dict[str, int]:
+    return {k: int(v) for k, v in (line.split() for line in (sdir / "stat").read_text().splitlines())}

@@ -1,0 +1,116 @@
+"""Numbers for people and programs: the `stat` files, `metrics`, the session summary.
+
+Every value comes from the pager's counters (native/core) or from /proc;
+this module only names and formats them, in one place.
+"""
+from __future__ import annotations
+
+from . import core
+
+PERCENTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("p999", 0.999))
+# Counters that go up and never down (Prometheus "counter"); the rest are gauges.
+GAUGES = {"store_pages", "store_bytes_logical", "store_bytes_compressed", "store_bytes_used",
+          "store_bytes_peak", "store_blobs", "fault_latency_ns_max", "sessions_active",
+          "rss_anon_bytes", "registered_bytes", "degraded", "store_chunks"}
+
+
+def flat(values: dict) -> str:
+    return "".join(f"{k} {v}\n" for k, v in values.items())
+
+
+def latency(hist: list[int]) -> dict[str, int]:
+    return {f"fault_latency_ns_{name}": core.percentile_ns(hist, q) for name, q in PERCENTILES}
+
+
+def rss_anon_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def range_stat(info: core.RangeInfo) -> dict[str, int]:
+    out = {f"pages_{state}": n for state, n in info.pages_in.items()}
+    out["pages"] = info.npages
+    out["bytes_logical"] = info.npages * core.PAGE_SIZE
+    out["bytes_compressed"] = info.bytes_compressed
+    return out
+
+
+def session_stat(session) -> dict[str, int]:
+    """Everything the pager counts for a session, plus what /proc says of the target."""
+    out = dict(session.counters())
+    out.update(latency(session.histogram()))
+    pages = dict.fromkeys(core.STATES, 0)
+    registered = 0
+    if session.native is not None and session.state != "ended":
+        for info in session.native.ranges():
+            registered += info.length
+            for state, n in info.pages_in.items():
+                pages[state] += n
+    out.update({f"pages_{state}": n for state, n in pages.items()})
+    out["registered_bytes"] = registered
+    out["rss_anon_bytes"] = rss_anon_bytes(session.pid)
+    return out
+
+
+def global_stat(daemon) -> dict[str, int]:
+    out = daemon.counters()
+    out.update(latency(daemon.histogram()))
+    return out
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _metric_name(name: str) -> tuple[str, str]:
+    """Prometheus name and type for a counter name."""
+    base = name.removeprefix("session_")
+    if base in GAUGES or base.startswith(("pages_", "fault_latency_ns_p")):
+        return f"memfs_{name}", "gauge"
+    return f"memfs_{name}_total", "counter"
+
+
+def metrics(daemon) -> str:
+    """Every global and per-session counter, Prometheus text exposition format 0.0.4."""
+    families: dict[str, tuple[str, list[str]]] = {}
+
+    def add(name: str, value: int, labels: str = "") -> None:
+        mname, mtype = _metric_name(name)
+        families.setdefault(mname, (mtype, []))[1].append(f"{mname}{labels} {value}")
+
+    for k, v in global_stat(daemon).items():
+        add(k, v)
+    for s in list(daemon.sessions.values()):
+        labels = f'{{session="{s.id}",pid="{s.pid}",comm="{_escape(s.comm)}"}}'
+        for k, v in session_stat(s).items():
+            add(f"session_{k}", v, labels)
+    lines = []
+    for mname, (mtype, samples) in families.items():
+        lines.append(f"# TYPE {mname} {mtype}")
+        lines.extend(samples)
+    return "\n".join(lines) + "\n"
+
+
+def summary(session) -> str:
+    """What `memfs serve` prints when a session ends (as the C prototype did)."""
+    c = session.final_counters
+    keys = ("faults_missing", "faults_wp", "faults_held", "restore_ok", "restore_fail", "zero_fill",
+            "uffd_ioctl_fail", "compress_attempts", "compress_ok", "compress_incompressible",
+            "evict_ok", "evict_fail", "prefetch_issued", "prefetch_hits", "prefetch_misses",
+            "store_bytes_peak")
+    lines = [f"session {session.id} pid {session.pid} ({session.comm}) ended: {session.end_reason}; "
+             f"mode {session.mode}",
+             "  " + " ".join(f"{k}={c.get(k, 0)}" for k in keys)]
+    lat = latency(session.histogram())
+    n = c.get("faults_missing", 0) + c.get("faults_wp", 0)
+    if n:
+        lines.append(f"  fault_latency_ns mean={c.get('fault_latency_ns_total', 0) // n} "
+                     + " ".join(f"{k.rsplit('_', 1)[1]}={v}" for k, v in lat.items())
+                     + f" max={c.get('fault_latency_ns_max', 0)}")
+    return "\n".join(lines)

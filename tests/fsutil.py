@@ -1,0 +1,85 @@
+"""A daemon with its filesystem, run as a real process, and a shell to drive it."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from helpers import ROOT
+
+NOBODY = 65534
+OTHER_UID = 65533  # a second unprivileged user; needs no passwd entry for setpriv
+
+
+def is_mounted(path: Path) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+class FsDaemon:
+    def __init__(self, tmp: Path, *args: str):
+        self.mnt = tmp / "mnt"
+        self.sock = str(tmp / "memfs.sock")
+        self.log = tmp / "daemon.log"
+        self.args = args
+        self.proc: trio.Process | None = None
+        self._logf = None
+
+    async def start(self) -> "FsDaemon":
+        env = dict(os.environ, MEMFS_NO_BOOTSTRAP="1")
+        self._logf = open(self.log, "wb")
+        self.proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "memfs", "serve", "--socket", self.sock, "--mount", str(self.mnt),
+             "-v", *self.args], env=env, cwd=str(ROOT), stdout=self._logf, stderr=subprocess.STDOUT)
+        with trio.fail_after(30):
+            while not (is_mounted(self.mnt) and os.path.exists(self.mnt / "version")):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"daemon exited: {self.log.read_text()}")
+                await trio.sleep(0.05)
+        return self
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with trio.move_on_after(60):
+                await self.proc.wait()
+            if self.proc.returncode is None:
+                self.proc.kill()
+                await self.proc.wait()
+        if is_mounted(self.mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False)
+        if self._logf is not None:
+            self._logf.close()
+
+    def session_dir(self, sid: int) -> Path:
+        return self.mnt / "sessions" / str(sid)
+
+
+async def sh(cmd: str, user: int | None = None, check: bool = False) -> tuple[int, str, str]:
+    """Run a bash command line (as `user` if given); (exit code, stdout, stderr)."""
+    argv = ["bash", "-c", cmd]
+    if user is not None:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+    r = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+    out, err = r.stdout.decode(), r.stderr.decode()
+    if check and r.returncode:
+        raise AssertionError(f"{cmd!r} failed ({r.returncode}): {err}")
+    return r.returncode, out, err
+
+
+def read_pages(path: Path) -> list[tuple[int, str, int, int]]:
+    out = []
+    with open(path) as f:
+        for line in f:
+            i, state, csize, age = line.split()
+            out.append((int(i), state, int(csize), int(age)))
+    return out
+
+
+def flat(path: Path) -> dict[str, str]:
+    return dict(line.split(None, 1) for line in path.read_text().splitlines() if line.strip())
