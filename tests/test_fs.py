@@ -335,3 +335,52 @@ async def test_sigterm_unmounts_and_a_stale_mount_is_cleaned(fsd, targets, tmp_p
     d3 = await fsd()
     assert (d3.mnt / "version").exists()
     assert "stale mount" in d3.log.read_text()
+
+
+SELECTORS = ("all", "cold", "pages", "addr", "bytes")
+
+
+@pytest.mark.parametrize("verb", ["compress", "evict", "prefetch"])
+async def test_each_verb_with_each_selector(fsd, targets, verb):
+    """Text pages only (all compressible, none zero), so every named page must change."""
+    d = await fsd("--cold-age-ms", "400")
+    for sel in SELECTORS:
+        t = await targets(c_target(d.sock, 1, "--pattern", "text"))
+        s = d.session_dir(t.session_id)
+        n = t.npages
+        young = set(range(0, n, 8))  # used just now; the rest was registered >400 ms ago
+        await trio.sleep(0.5)
+        # the young pages are evicted and written back by the target: their age restarts
+        for i in sorted(young):
+            assert await write(s / "ctl", f"evict pages={i}") == 0
+            await t.command(f"write {i} {i % 200 + 1}")
+        if verb == "prefetch":  # something to prefetch: everything evicted, ages kept
+            assert await write(s / "ctl", "evict") == 0
+        before = states(d, t.session_id)
+        arg = {"all": "all", "cold": "cold", "pages": "pages=10-29",
+               "addr": f"addr=0x{t.addr + 40 * PAGE + 100:x}-0x{t.addr + 50 * PAGE:x}",
+               "bytes": f"bytes={64 * PAGE}"}[sel]
+        want = {"all": set(range(n)), "cold": set(range(n)) - young, "pages": set(range(10, 30)),
+                "addr": set(range(40, 50)), "bytes": None}[sel]
+
+        assert await write(s / "ctl", f"{verb} {arg}") == 0
+
+        after = states(d, t.session_id)
+        changed = {i for i in range(n) if after[i] != before[i]}
+        present = t.present()
+        if sel == "bytes":
+            assert len(changed) == 64
+            if verb != "prefetch":
+                assert not changed & young, "the coldest go first"
+            else:
+                assert young <= changed, "prefetch takes the most recently used first"
+        else:
+            if verb == "prefetch":
+                want &= {i for i in range(n) if before[i] in ("compressed", "zero")}
+            assert changed == want, f"{verb} {arg}: changed {sorted(changed ^ want)[:10]}..."
+        target_state = {"compress": "clean", "evict": "compressed", "prefetch": "clean"}[verb]
+        assert all(after[i] == target_state for i in changed)
+        assert all(present[i] == (after[i] in ("resident", "clean")) for i in range(n)), \
+            "pages and pagemap agree"
+        assert await t.verify() == (n, 0)
+        await t.exit()

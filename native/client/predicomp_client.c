@@ -39,11 +39,20 @@
 #define START_TIMEOUT_S 120
 #define STOP_TIMEOUT_S 600
 
-/* What the daemon needs from UFFDIO_API; the optional ones are taken when offered. */
+#ifndef UFFD_FEATURE_POISON
+#define UFFD_FEATURE_POISON (1 << 14) /* Linux 6.6; older headers lack it */
+#endif
+
+/*
+ * What the daemon needs from UFFDIO_API; the optional ones are taken when
+ * offered.  POISON lets the daemon make a page it cannot restore raise
+ * SIGBUS instead of reading as zeros.
+ */
 #define FEATURES_REQUIRED ((uint64_t)UFFD_FEATURE_PAGEFAULT_FLAG_WP)
 #define FEATURES_WANTED                                                                      \
 	((uint64_t)UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_THREAD_ID |                     \
-	 UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP)
+	 UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP |        \
+	 UFFD_FEATURE_POISON)
 
 enum client_state { ST_OPEN, ST_RUNNING, ST_STOPPED, ST_ENDED };
 
