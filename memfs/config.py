@@ -30,6 +30,18 @@ def _int_range(lo: int, hi: int) -> Callable[[str], int]:
     return parse
 
 
+def _float_range(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise ValueError(f"not a number: {text!r}")
+        if not lo <= v <= hi:
+            raise ValueError(f"{v} is outside {lo}..{hi}")
+        return v
+    return parse
+
+
 def _bytes_or_max(text: str):
     if text == "max":
         return MAX
@@ -67,8 +79,15 @@ class Setting:
 SETTINGS = {s.name: s for s in [
     Setting("cold_age_ms", 30_000, _int_range(1, 86_400_000),
             "a page idle this long is cold", per_session=True),
-    Setting("damon_read_ms", 200, _int_range(10, 60_000),
-            "how often the access source is read"),
+    Setting("damon_read_ms", 1000, _int_range(10, 60_000),
+            "how often the access source is read: its aggregation window, and the policy's round"),
+    Setting("access_source", "auto", _choice("auto", "sampler", "none"),
+            "where evidence of use comes from for new sessions: auto (DAMON if it can be used, "
+            "else the sampler), sampler, or none (the pager's faults only)"),
+    Setting("sample_ms", 100, _int_range(1, 10_000),
+            "how often the access source samples a page of each region"),
+    Setting("max_regions", 200, _int_range(4, 10_000),
+            "most regions the access source tracks per session"),
     Setting("soft_cap_bytes", MAX, _bytes_or_max,
             "resident registered memory a session may keep before its coldest pages are evicted",
             per_session=True),
@@ -86,8 +105,14 @@ SETTINGS = {s.name: s for s in [
             "zero pages mapped around a first touch of untouched memory", native="faultaround_pages"),
     Setting("readahead_max_pages", 0, _int_range(0, 256),
             "most pages restored after a sequential fault (0: off)", native="readahead_max_pages"),
-    Setting("policy", "on", _choice("on", "off"),
-            "let the daemon compress and evict cold pages by itself", per_session=True),
+    Setting("policy", "compress", _choice("off", "compress", "evict"),
+            "what the daemon does by itself with cold pages: nothing, give them compressed copies, "
+            "or evict them (above the soft cap the coldest are evicted unless off)", per_session=True),
+    Setting("promotion_target_pct", 0.2, _float_range(0.0, 100.0),
+            "promotions (faults that restore an evicted page) per minute, in percent of the working "
+            "set, above which the policy backs off", per_session=True),
+    Setting("degraded_fault_rate", 2000, _int_range(1, 10_000_000),
+            "faults per second above which a session is marked degraded", per_session=True),
 ]}
 
 

@@ -19,10 +19,11 @@ from ._core import ffi, lib
 
 PAGE_SIZE = lib.MC_PAGE_SIZE
 STATES = ("untouched", "resident", "clean", "compressed", "zero", "evicting")
+SHOWN_STATES = STATES + ("sampled",)  # what `pages` says: a sampled page is out for a moment
 STATE_BITS = {name: 1 << i for i, name in enumerate(STATES)}
 FLAGS = {"same": lib.MC_PF_SAME, "compressing": lib.MC_PF_COMPRESSING, "held": lib.MC_PF_HELD,
          "prefetched": lib.MC_PF_PREFETCHED, "prefetch_pending": lib.MC_PF_PREFETCH_PENDING,
-         "incompressible": lib.MC_PF_INCOMPRESSIBLE, "accessed": lib.MC_PF_ACCESSED}
+         "incompressible": lib.MC_PF_INCOMPRESSIBLE, "sampled": lib.MC_PF_SAMPLED}
 CODECS = {"lz4": lib.MC_CODEC_LZ4, "lz4hc": lib.MC_CODEC_LZ4HC, "lz4fast": lib.MC_CODEC_LZ4FAST}
 TRACE_KINDS = {lib.MC_TR_FAULT: "fault", lib.MC_TR_ZEROFILL: "zerofill", lib.MC_TR_WRITE: "write",
                lib.MC_TR_HELD: "held", lib.MC_TR_RELEASE: "release", lib.MC_TR_EVICT: "evict",
@@ -161,6 +162,7 @@ class NativeSession:
         if self._s == ffi.NULL:
             raise OSError(err[0], f"creating the session: {os.strerror(err[0])}")
         self.nranges = len(ranges)
+        self.staging_pages = 0
         self._calls = 0
         self._freed = False
         self._cond = threading.Condition()
@@ -180,6 +182,12 @@ class NativeSession:
                     self._cond.notify_all()
 
     # -- lifecycle --------------------------------------------------------
+    @_guarded
+    def set_staging(self, addr: int, npages: int) -> None:
+        """The target's staging area for the access sampler (before register())."""
+        check(lib.mc_session_set_staging(self._s, addr, npages), "staging area")
+        self.staging_pages = npages
+
     @_guarded
     def register(self) -> None:
         buf = ffi.new("char[]", 512)
@@ -301,6 +309,42 @@ class NativeSession:
     @_guarded
     def mark_prefetch(self, runs: list[Run]) -> None:
         check(lib.mc_mark_prefetch(self._s, runs_array(runs), len(runs)), "prefetch")
+
+    # -- access sampling ---------------------------------------------------------
+    @_guarded
+    def sample_prepare(self, pages: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], bool]:
+        """Reserve staging slots for these (range, page) pages: the (src, dst) moves
+        the agent is to make, and whether it must zap the staging area first."""
+        cap = max(1, min(len(pages), self.staging_pages))
+        moves = ffi.new("struct mc_move[]", cap)
+        zap = ffi.new("int *")
+        n = check(lib.mc_sample_prepare(self._s, runs_array([(r, p, 1) for r, p in pages]), len(pages),
+                                        moves, cap, zap), "sample")
+        return [(moves[i].src, moves[i].dst) for i in range(n)], bool(zap[0])
+
+    @_guarded
+    def sample_commit(self, moves: list[tuple[int, int]], moved: bytes) -> None:
+        """The agent's answer to sample_prepare's moves (bit i of `moved`: move i happened)."""
+        arr = ffi.new("struct mc_move[]", max(1, len(moves)))
+        for i, (src, dst) in enumerate(moves):
+            arr[i].src, arr[i].dst = src, dst
+        bitmap = ffi.new("uint8_t[]", moved or b"\0")
+        check(lib.mc_sample_commit(self._s, arr, len(moves), bitmap), "sample")
+
+    @_guarded
+    def sample_collect(self, final: bool = False) -> list[tuple[int, int, bool]]:
+        """(range, page, used) of every sampled page; the unused ones go back.
+        final: the session ends and no sampling request is in flight."""
+        cap = max(1, self.staging_pages)
+        out = ffi.new("struct mc_sample_result[]", cap)
+        n = check(lib.mc_sample_collect(self._s, out, cap, 1 if final else 0), "sample")
+        return [(out[i].range, out[i].page, bool(out[i].accessed)) for i in range(n)]
+
+    @_guarded
+    def note_access(self, runs: list[Run], when_ms: int) -> None:
+        """Evidence that these pages were used at when_ms (never makes a page older)."""
+        if runs:
+            check(lib.mc_note_access(self._s, runs_array(runs), len(runs), when_ms & 0xFFFFFFFF), "access")
 
     # -- inspection ------------------------------------------------------------
     @_guarded

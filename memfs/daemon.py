@@ -19,6 +19,7 @@ from collections import Counter
 import trio
 
 from . import core, protocol
+from .access import AccessMonitor
 from .config import Config
 from .events import EventCounts
 from .session import Session
@@ -26,12 +27,14 @@ from .session import Session
 log = logging.getLogger("memfs.daemon")
 
 GLOBAL_EVENTS = ("sessions_started", "sessions_ended", "sessions_refused", "compress", "evict",
-                 "prefetch", "restore_fail")
+                 "prefetch", "restore_fail", "degraded", "damon_unavailable")
 WATCH_SECONDS = 0.25  # how often the fault threads' own news (restore failures) is looked for
 SHUTDOWN_SECONDS = 60
 # Counters that are levels, not totals: an ended session stops contributing.
 LEVEL_COUNTERS = {"store_pages", "store_bytes_logical", "store_bytes_compressed",
                   "store_bytes_used", "store_bytes_peak", "fault_latency_ns_max"}
+# A session's own settings, meaningless summed over sessions.
+SESSION_ONLY = {"policy_cold_age_ms", "promotion_rate_ppm", "sampler_regions"}
 
 
 class Daemon:
@@ -49,6 +52,9 @@ class Daemon:
         self.started = time.time()
         self._nursery: trio.Nursery | None = None
         self._session_done = trio.Event()
+        self.access = AccessMonitor(self.config)
+        if self.access.damon_reason:
+            self.events.bump("damon_unavailable")
 
     # -- sessions -----------------------------------------------------------------
     def add_session(self, s: Session) -> int:
@@ -63,7 +69,7 @@ class Daemon:
         if self.sessions.pop(s.id, None) is None:
             return
         for k, v in s.final_counters.items():
-            if k not in LEVEL_COUNTERS:
+            if k not in LEVEL_COUNTERS and k not in SESSION_ONLY:
                 self.ended_totals[k] += v
         self.ended_latency_max = max(self.ended_latency_max, s.final_counters.get("fault_latency_ns_max", 0))
         self.ended_hist = [a + b for a, b in zip(self.ended_hist, s.final_hist)]
@@ -79,12 +85,13 @@ class Daemon:
             for k, v in s.counters().items():
                 if k == "fault_latency_ns_max":
                     latency_max = max(latency_max, v)
-                else:
+                elif k not in SESSION_ONLY:
                     out[k] += v
         out["fault_latency_ns_max"] = latency_max
         st = core.store_stats()
         result = {"sessions_active": len(self.sessions), "sessions_total": self.sessions_total}
-        result.update({k: out.get(k, 0) for k in core.COUNTER_NAMES if k != "store_bytes_peak"})
+        result.update({k: v for k, v in out.items() if k != "store_bytes_peak"})
+        result.update({k: out.get(k, 0) for k in core.COUNTER_NAMES if k not in result and k != "store_bytes_peak"})
         result["store_bytes_logical"] = out.get("store_bytes_logical", 0)
         result["store_bytes_compressed"] = st["bytes_compressed"]
         result["store_bytes_used"] = st["bytes_used"]
@@ -150,6 +157,8 @@ class Daemon:
                 os.unlink(self.socket_path)
             except OSError:
                 pass
+            with trio.CancelScope(shield=True):
+                await self.access.close()
 
     async def _accept_loop(self, listener) -> None:
         while True:

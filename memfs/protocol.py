@@ -23,16 +23,19 @@ MAX_ERR_TEXT = 1024
 DEFAULT_SOCKET = "/run/memfs/memfs.sock"
 PAGE_SIZE = 4096
 
-HELLO, RANGE, START, STOP, PREFETCH, EVICT_DONE = 1, 2, 3, 4, 5, 6
-ACK, ERR, EVICT = 64, 65, 66
+HELLO, RANGE, START, STOP, PREFETCH, EVICT_DONE, SAMPLE_DONE = 1, 2, 3, 4, 5, 6, 7
+ACK, ERR, EVICT, SAMPLE = 64, 65, 66, 67
 NAMES = {HELLO: "HELLO", RANGE: "RANGE", START: "START", STOP: "STOP",
-         PREFETCH: "PREFETCH", EVICT_DONE: "EVICT_DONE", ACK: "ACK", ERR: "ERR",
-         EVICT: "EVICT"}
+         PREFETCH: "PREFETCH", EVICT_DONE: "EVICT_DONE", SAMPLE_DONE: "SAMPLE_DONE", ACK: "ACK",
+         ERR: "ERR", EVICT: "EVICT", SAMPLE: "SAMPLE"}
 
 CAP_AGENT = 0x1
 CAP_PREFETCH = 0x2
+CAP_STAGING = 0x4
 RANGE_ANON_PRIVATE = 0x1
 RANGE_WRITABLE = 0x2
+RANGE_STAGING = 0x4
+STAGING_MAX_PAGES = 65536
 
 HELLO_BODY = struct.Struct("=IIQII")  # pid, nranges, caps, page_size, reserved
 RANGE_BODY = struct.Struct("=QQII")  # addr, length, flags, index
@@ -44,6 +47,11 @@ ADDR_RUN = struct.Struct("=QQ")
 EVICT_BODY = struct.Struct("=QII")  # request_id, nruns, flags
 EVICT_DONE_BODY = struct.Struct("=QiIQ")  # request_id, status, reserved, bytes_done
 EVICT_MAX_RUNS = (MAX_PAYLOAD - EVICT_BODY.size) // ADDR_RUN.size
+SAMPLE_BODY = struct.Struct("=QII")  # request_id, nmoves, flags
+MOVE = struct.Struct("=QQ")  # src, dst
+SAMPLE_DONE_BODY = struct.Struct("=QII")  # request_id, nmoves, nmoved; then a bitmap
+SAMPLE_ZAP_STAGING = 0x1
+SAMPLE_MAX_MOVES = (MAX_PAYLOAD - SAMPLE_BODY.size) // MOVE.size
 
 
 class ProtocolError(Exception):
@@ -91,6 +99,12 @@ class EvictDone:
 
 
 @dataclass
+class SampleDone:
+    request_id: int
+    moved: bytes  # bit i: move i happened
+
+
+@dataclass
 class Frame:
     type: int
     seq: int
@@ -109,9 +123,9 @@ def decode_body(ftype: int, seq: int, payload: bytes, fds: list[int]) -> Frame:
         pid, nranges, caps, page_size, reserved = _exact(payload, HELLO_BODY, "HELLO", seq)
         if page_size != PAGE_SIZE:
             raise ProtocolError(errno.EINVAL, f"HELLO: page size {page_size}, only {PAGE_SIZE} is supported", seq)
-        if not 1 <= nranges <= MAX_RANGES:
+        if not 1 <= nranges <= MAX_RANGES + 1:
             raise ProtocolError(errno.EINVAL, f"HELLO: {nranges} ranges, must be 1..{MAX_RANGES}", seq)
-        if reserved or caps & ~(CAP_AGENT | CAP_PREFETCH):
+        if reserved or caps & ~(CAP_AGENT | CAP_PREFETCH | CAP_STAGING):
             raise ProtocolError(errno.EINVAL, f"HELLO: unknown capability bits 0x{caps:x}", seq)
         return Frame(ftype, seq, Hello(pid, nranges, caps))
     if ftype == RANGE:
@@ -132,6 +146,14 @@ def decode_body(ftype: int, seq: int, payload: bytes, fds: list[int]) -> Frame:
     if ftype == EVICT_DONE:
         rid, status, _, done = _exact(payload, EVICT_DONE_BODY, "EVICT_DONE", seq)
         return Frame(ftype, seq, EvictDone(rid, status, done))
+    if ftype == SAMPLE_DONE:
+        if len(payload) < SAMPLE_DONE_BODY.size:
+            raise ProtocolError(errno.EINVAL, "SAMPLE_DONE: payload too short", seq)
+        rid, nmoves, _ = SAMPLE_DONE_BODY.unpack_from(payload)
+        bitmap = payload[SAMPLE_DONE_BODY.size:]
+        if len(bitmap) != (nmoves + 7) // 8:
+            raise ProtocolError(errno.EINVAL, f"SAMPLE_DONE: {len(bitmap)} bitmap bytes for {nmoves} moves", seq)
+        return Frame(ftype, seq, SampleDone(rid, bytes(bitmap)))
     raise ProtocolError(errno.EPROTO, f"unknown message type {ftype}", seq)
 
 
@@ -193,6 +215,13 @@ def encode_ack(seq: int, acked_type: int, acked_seq: int, value: int = 0) -> byt
 def encode_err(seq: int, err: int, text: str, acked_seq: int = 0) -> bytes:
     data = text.encode("utf-8", "replace")[:MAX_ERR_TEXT]
     return frame(ERR, seq, ERR_BODY.pack(err, acked_seq, len(data), 0) + data)
+
+
+def encode_sample(seq: int, request_id: int, moves: list[tuple[int, int]], zap: bool) -> bytes:
+    if len(moves) > SAMPLE_MAX_MOVES:
+        raise ValueError("too many moves for one SAMPLE")
+    body = SAMPLE_BODY.pack(request_id, len(moves), SAMPLE_ZAP_STAGING if zap else 0)
+    return frame(SAMPLE, seq, body + b"".join(MOVE.pack(s, d) for s, d in moves))
 
 
 def encode_evict(seq: int, request_id: int, runs: list[tuple[int, int]]) -> bytes:

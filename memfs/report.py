@@ -11,7 +11,8 @@ PERCENTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("p999", 0.999))
 # Counters that go up and never down (Prometheus "counter"); the rest are gauges.
 GAUGES = {"store_pages", "store_bytes_logical", "store_bytes_compressed", "store_bytes_used",
           "store_bytes_peak", "store_blobs", "fault_latency_ns_max", "sessions_active",
-          "rss_anon_bytes", "registered_bytes", "degraded", "store_chunks"}
+          "rss_anon_bytes", "registered_bytes", "degraded", "store_chunks", "policy_cold_age_ms",
+          "promotion_rate_ppm", "sampler_regions", "prefetch_hit_pct"}
 
 
 def flat(values: dict) -> str:
@@ -55,6 +56,7 @@ def session_stat(session) -> dict[str, int]:
     out.update({f"pages_{state}": n for state, n in pages.items()})
     out["registered_bytes"] = registered
     out["rss_anon_bytes"] = rss_anon_bytes(session.pid)
+    out["prefetch_hit_pct"] = 100 * out.get("prefetch_hits", 0) // max(1, out.get("prefetch_restored", 0))
     return out
 
 
@@ -90,6 +92,9 @@ def metrics(daemon) -> str:
         labels = f'{{session="{s.id}",pid="{s.pid}",comm="{_escape(s.comm)}"}}'
         for k, v in session_stat(s).items():
             add(f"session_{k}", v, labels)
+        if s.access is not None:
+            families.setdefault("memfs_session_access_source_info", ("gauge", []))[1].append(
+                f'memfs_session_access_source_info{labels[:-1]},source="{s.access.name}"}} 1')
     lines = []
     for mname, (mtype, samples) in families.items():
         lines.append(f"# TYPE {mname} {mtype}")

@@ -32,6 +32,7 @@ from .config import SessionConfig
 from .core import HIST_BUCKETS, NativeSession
 from .events import EventCounts
 from .pager import NoFree, Pager
+from .policy import Policy
 
 log = logging.getLogger("memfs.session")
 summary_log = logging.getLogger("memfs.summary")
@@ -43,17 +44,49 @@ USER_ADDR_LIMIT = 1 << 47
 SESSION_EVENTS = ("compress", "evict", "prefetch", "prefetch_dropped", "restore_fail", "degraded", "ended")
 
 
+SAMPLE_ANSWER_SECONDS = 5
+
+
 class AgentSource:
-    """Pages are freed by the agent thread inside the target (EVICT / EVICT_DONE)."""
+    """The agent thread inside the target frees pages (EVICT / EVICT_DONE) and
+    parks pages for the access sampler (SAMPLE / SAMPLE_DONE)."""
 
     mode = "full"
     can_free = True
 
     def __init__(self, session: "Session"):
         self._session = session
+        self._samples: dict[int, tuple[list, trio.Event]] = {}
+        self._next_sample = 1
 
     async def request_free(self, request_id, addr_runs):
         await self._session.send(protocol.encode_evict(self._session.next_seq(), request_id, addr_runs))
+
+    async def sample(self, moves: list[tuple[int, int]], zap: bool) -> None:
+        """Have the agent make these moves; the answer is committed whenever it comes."""
+        rid = self._next_sample
+        self._next_sample += 1
+        done = trio.Event()
+        self._samples[rid] = (moves, done)
+        await self._session.send(protocol.encode_sample(self._session.next_seq(), rid, moves, zap))
+        with trio.move_on_after(SAMPLE_ANSWER_SECONDS):
+            await done.wait()
+
+    def sample_done(self, request_id: int, moved: bytes) -> None:
+        entry = self._samples.pop(request_id, None)
+        if entry is None:
+            raise protocol.ProtocolError(errno.EINVAL, f"SAMPLE_DONE for unknown request {request_id}")
+        moves, done = entry
+        if len(moved) != (len(moves) + 7) // 8:
+            raise protocol.ProtocolError(errno.EINVAL, "SAMPLE_DONE answers another number of moves")
+        self._session.native.sample_commit(moves, moved)
+        done.set()
+
+    async def settle_samples(self) -> None:
+        """Wait for answers to sampling requests still in flight (a while at most)."""
+        with trio.move_on_after(SAMPLE_ANSWER_SECONDS):
+            while self._samples:
+                await next(iter(self._samples.values()))[1].wait()
 
 
 def read_proc(pid: int, name: str) -> str:
@@ -67,7 +100,7 @@ def read_proc(pid: int, name: str) -> str:
 
 def check_ranges(pid: int, ranges: list[protocol.Range]) -> None:
     """Ranges must be page aligned, disjoint and private anonymous memory of `pid`."""
-    known = protocol.RANGE_ANON_PRIVATE | protocol.RANGE_WRITABLE
+    known = protocol.RANGE_ANON_PRIVATE | protocol.RANGE_WRITABLE | protocol.RANGE_STAGING
     for r in ranges:
         if not r.length or r.addr % protocol.PAGE_SIZE or r.length % protocol.PAGE_SIZE:
             raise protocol.ProtocolError(errno.EINVAL, f"range {r.index}: 0x{r.addr:x}+{r.length} is empty or not page aligned")
@@ -124,6 +157,8 @@ class Session:
         self.ranges: list[protocol.Range] = []
         self.native: NativeSession | None = None
         self.pager: Pager | None = None
+        self.access = None  # its AccessSource, once running
+        self.policy: Policy | None = None
         self.started = time.time()
         self.end_reason = ""
         self.final_counters: dict[str, int] = {}
@@ -258,12 +293,24 @@ class Session:
             raise protocol.ProtocolError(errno.EBADF, "the fd passed with START is not a userfaultfd", seq)
         if not features & UFFD_FEATURE_PAGEFAULT_FLAG_WP:
             raise protocol.ProtocolError(errno.EOPNOTSUPP, "userfaultfd without write-protect support", seq)
-        check_ranges(self.pid, ranges)
+        staging = None
+        if hello.caps & protocol.CAP_STAGING:
+            staging = ranges[-1]
+            ranges = ranges[:-1]
+            if not staging.flags & protocol.RANGE_STAGING or not ranges \
+                    or not 0 < staging.length // protocol.PAGE_SIZE <= protocol.STAGING_MAX_PAGES:
+                raise protocol.ProtocolError(errno.EINVAL, "the last RANGE must be the staging area, at most "
+                                             f"{protocol.STAGING_MAX_PAGES} pages", seq)
+        if any(r.flags & protocol.RANGE_STAGING for r in ranges):
+            raise protocol.ProtocolError(errno.EINVAL, "only the last RANGE may be a staging area (CAP_STAGING)", seq)
+        check_ranges(self.pid, ranges + ([staging] if staging else []))
         self.caps = hello.caps
         self.ranges = ranges
         native = NativeSession(fd, self.pid, [(r.addr, r.length) for r in ranges])
         self.native = native
         try:
+            if staging is not None:
+                native.set_staging(staging.addr, staging.length // protocol.PAGE_SIZE)
             await trio.to_thread.run_sync(native.register)
             native.start()
         except OSError as e:
@@ -273,6 +320,8 @@ class Session:
         self.mode = source.mode
         self.pager = Pager(native, source, self.daemon.limiter, on_done=self._op_done)
         self.id = self.daemon.add_session(self)
+        self.access = self.daemon.access.source_for(self)
+        self.policy = Policy(self)
         self.state = "running"
         await self.send(protocol.encode_ack(self.next_seq(), protocol.START, seq, self.id))
         log.info("%s started: %d range(s), %d pages, mode %s", self, len(ranges),
@@ -284,11 +333,16 @@ class Session:
             nursery.start_soon(self._read_loop)
             nursery.start_soon(self._watch_pid)
             nursery.start_soon(self._prefetcher)
+            background = trio.CancelScope()
+            nursery.start_soon(self._background, background)
             await self._end.wait()
             self.state = "stopping"
             kind = self._end_kind
             log.info("%s ending: %s", self, self.end_reason)
+            background.cancel()
             try:
+                if kind != "gone" and not self.native.dead:
+                    await self.access.close()  # sampled pages go home before the rest
                 await self.pager.close(restore=kind != "gone" and not self.native.dead)
             except OSError as e:
                 log.info("%s: giving pages back failed (%s): the target is gone", self, e)
@@ -302,10 +356,24 @@ class Session:
                 await self._try_send(protocol.encode_err(self.next_seq(), errno.ESHUTDOWN, "memfs daemon shutting down"))
             nursery.cancel_scope.cancel()
 
+    async def _background(self, scope: trio.CancelScope) -> None:
+        """The access source and the policy, until the session starts ending."""
+        with scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.access.run)
+                nursery.start_soon(self.policy.run)
+
+    def set_degraded(self, on: bool) -> None:
+        if bool(self.events.counts.get("degraded")) != on:
+            self.events.set("degraded", 1 if on else 0)
+            if on:
+                self.daemon.events.bump("degraded")
+
     async def _finish(self) -> None:
+        if self.native is not None:
+            self.final_counters = self.counters()
         self.state = "ended"
         if self.native is not None:
-            self.final_counters = self.native.counters()
             self.final_hist = self.native.histogram()
             await trio.to_thread.run_sync(self.native.free)
         self.events.bump("ended")
@@ -324,6 +392,8 @@ class Session:
             while (fr := await self._next_frame()) is not None:
                 if fr.type == protocol.EVICT_DONE:
                     self.pager.eviction_done(fr.body.request_id, fr.body.status)
+                elif fr.type == protocol.SAMPLE_DONE and isinstance(self.pager.source, AgentSource):
+                    self.pager.source.sample_done(fr.body.request_id, fr.body.moved)
                 elif fr.type == protocol.PREFETCH:
                     self._queue_prefetch(fr)
                 elif fr.type == protocol.STOP:
@@ -417,9 +487,15 @@ class Session:
 
     # -- reporting ---------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
-        if self.native is not None and self.state != "ended":
-            return self.native.counters()
-        return dict(self.final_counters)
+        """Everything counted for this session: the pager's, the access source's, the policy's."""
+        if self.native is None or self.state == "ended":
+            return dict(self.final_counters)
+        out = self.native.counters()
+        if self.access is not None:
+            out.update(self.access.counters())
+        if self.policy is not None:
+            out.update(self.policy.counters())
+        return out
 
     def histogram(self) -> list[int]:
         if self.native is not None and self.state != "ended":

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import Target  # noqa: E402
 
 from memfs import core  # noqa: E402
+from memfs.config import Config  # noqa: E402
 from memfs.daemon import Daemon  # noqa: E402
 
 
@@ -31,8 +32,15 @@ def sock_path(tmp_path) -> str:
 
 
 @pytest.fixture
-async def daemon(sock_path, nursery):
-    d = Daemon(sock_path)
+def access_source() -> str:
+    """The in-process daemon's access source: none, so page states change only when a
+    test acts (tests of the sampler override this fixture)."""
+    return "none"
+
+
+@pytest.fixture
+async def daemon(sock_path, nursery, access_source):
+    d = Daemon(sock_path, Config(access_source=access_source))
     await nursery.start(d.serve)
     yield d
     await d.shutdown()
@@ -99,3 +107,36 @@ def unprivileged_userfaultfd():
     yield
     with open(path, "w") as f:
         f.write(saved)
+
+
+DAMON = Path("/sys/kernel/mm/damon/admin/kdamonds")
+
+
+def _damon_snapshot() -> dict[str, str]:
+    """Every readable value under the kdamonds tree (the system's kdamond 0 included)."""
+    out = {}
+    if not DAMON.exists():
+        return out
+    for root, dirs, files in os.walk(DAMON):
+        for name in files:
+            path = os.path.join(root, name)
+            if "tried_regions" in path or name in ("stats", "nr_tried", "sz_tried", "nr_applied",
+                                                   "sz_applied", "qt_exceeds", "sz_ops_filter_passed",
+                                                   "total_bytes", "effective_bytes", "current_value",
+                                                   "pid", "refresh_ms"):
+                continue  # what kdamond 0 itself changes as it runs
+            try:
+                with open(path) as f:
+                    out[path] = f.read()
+            except OSError:
+                pass
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def damon_untouched():
+    """No kdamond of ours is left, and the system's are as they were."""
+    before = _damon_snapshot()
+    yield
+    after = _damon_snapshot()
+    assert after == before, "the test suite changed DAMON's sysfs tree"

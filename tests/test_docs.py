@@ -39,8 +39,12 @@ def test_renders_without_warnings(page):
 
 
 def test_every_file_counter_setting_and_event_is_in_memfs_5():
+    from memfs.access.damon import DamonSource
+    from memfs.access.sampler import Sampler
+    from memfs.policy import Policy
     w = words("memfs.5")
-    wanted = (set(ROOT_FILES) | set(SESSION_FILES) | set(RANGE_FILES) | set(core.COUNTER_NAMES)
+    counted = set(core.COUNTER_NAMES) | set(DamonSource.COUNTERS) | set(Sampler.COUNTERS) | set(Policy.COUNTERS)
+    wanted = (set(ROOT_FILES) | set(SESSION_FILES) | set(RANGE_FILES) | counted
               | set(SETTINGS) | set(GLOBAL_EVENTS) | set(SESSION_EVENTS) | set(core.STATES)
               | set(core.TRACE_KINDS.values()) | {"by-pid/<pid>", "all", "cold", "compress", "evict", "prefetch"})
     assert not wanted - w, f"undocumented in memfs(5): {sorted(wanted - w)}"

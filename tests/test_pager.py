@@ -110,6 +110,7 @@ async def stress(daemon, t, seconds: float):
     return r, rounds, s.counters()
 
 
+@pytest.mark.parametrize("access_source", ["none", "sampler"])
 async def test_writes_during_eviction_are_never_lost(daemon, sock_path, targets):
     t = await targets(c_target(sock_path, 2))
     r, rounds, c = await stress(daemon, t, 5)

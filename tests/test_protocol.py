@@ -33,7 +33,8 @@ def test_header_and_module_agree():
               "PCP_STOP": protocol.STOP, "PCP_PREFETCH": protocol.PREFETCH,
               "PCP_EVICT_DONE": protocol.EVICT_DONE, "PCP_ACK": protocol.ACK, "PCP_ERR": protocol.ERR,
               "PCP_EVICT": protocol.EVICT, "PCP_CAP_AGENT": protocol.CAP_AGENT,
-              "PCP_CAP_PREFETCH": protocol.CAP_PREFETCH,
+              "PCP_CAP_PREFETCH": protocol.CAP_PREFETCH, "PCP_CAP_STAGING": protocol.CAP_STAGING,
+              "PCP_RANGE_STAGING": protocol.RANGE_STAGING,
               "PCP_RANGE_ANON_PRIVATE": protocol.RANGE_ANON_PRIVATE,
               "PCP_RANGE_WRITABLE": protocol.RANGE_WRITABLE}
     assert {k: int(defines[k], 0) for k in expect} == expect

@@ -16,7 +16,7 @@ import pyfuse3
 import trio
 
 from .. import PROTOCOL_VERSION, __version__, control, report
-from ..core import PAGE_SIZE, STATES
+from ..core import PAGE_SIZE, SHOWN_STATES
 
 READY = select.POLLIN | select.POLLRDNORM | select.POLLPRI
 
@@ -187,7 +187,7 @@ class Pages(FileKind):
             return b""
         count = min(npages - first, (off + size - 1) // line - first + 1)
         info = s.native.page_info(n, first, count)
-        text = "".join(f"{first + i:>{width}} {STATES[info[i].state]:<10} {info[i].csize:>4} {info[i].age_ms:>10}\n"
+        text = "".join(f"{first + i:>{width}} {SHOWN_STATES[info[i].state]:<10} {info[i].csize:>4} {info[i].age_ms:>10}\n"
                        for i in range(count)).encode()
         start = off - first * line
         return text[start:start + size]
@@ -278,6 +278,7 @@ ROOT_KINDS = {
     "events": Events(lambda tree, key, h: tree.daemon.events),
     "metrics": Generated(lambda tree, key, h: report.metrics(tree.daemon)),
     "ctl": Ctl(_run_all),
+    "access": Generated(lambda tree, key, h: "".join(f"{k} {v}\n" for k, v in tree.daemon.access.describe().items())),
 }
 CONFIG = Setting(lambda tree, key, h: tree.daemon.config)
 SESSION_CONFIG = Setting(lambda tree, key, h: _session(tree, key, h).config)
@@ -287,7 +288,8 @@ SESSION_KINDS = {
     "cmdline": Generated(lambda tree, key, h: f"{_session(tree, key, h).cmdline}\n"),
     "mode": Generated(lambda tree, key, h: f"{_session(tree, key, h).mode}\n"),
     "state": Generated(lambda tree, key, h: f"{_session(tree, key, h).state}\n"),
-    "stat": Generated(lambda tree, key, h: report.flat(report.session_stat(_session(tree, key, h)))),
+    "stat": Generated(lambda tree, key, h: report.flat(report.session_stat(_session(tree, key, h)))
+                      + f"access_source {_session(tree, key, h).access.name}\n"),
     "events": Events(lambda tree, key, h: _session(tree, key, h).events),
     "ctl": Ctl(_run_session),
     "trace": Trace(),
@@ -298,6 +300,9 @@ RANGE_KINDS = {
     "flags": Generated(lambda tree, key, h: _flag_names(_session(tree, key, h).ranges[key[2]].flags)),
     "stat": Generated(lambda tree, key, h: report.flat(report.range_stat(_session(tree, key, h).native.range_info(key[2])))),
     "pages": Pages(),
+    "heat": Generated(lambda tree, key, h: "".join(
+        f"{r.first} {r.count} {r.nr_accesses} {r.freq_pct} {r.age_ms}\n"
+        for r in _session(tree, key, h).access.heat(key[2]))),
     "data": Data(),
     "ctl": Ctl(_run_range),
 }

@@ -28,9 +28,9 @@ from ..config import SETTINGS
 from . import files
 
 ROOT = ("root",)
-ROOT_FILES = ("version", "stat", "events", "metrics", "ctl")
+ROOT_FILES = ("version", "stat", "events", "metrics", "ctl", "access")
 SESSION_FILES = ("pid", "comm", "cmdline", "mode", "state", "stat", "events", "ctl", "trace")
-RANGE_FILES = ("start", "length", "flags", "stat", "pages", "data", "ctl")
+RANGE_FILES = ("start", "length", "flags", "stat", "pages", "heat", "data", "ctl")
 
 
 def enoent() -> pyfuse3.FUSEError:

@@ -42,17 +42,21 @@
 #ifndef UFFD_FEATURE_POISON
 #define UFFD_FEATURE_POISON (1 << 14) /* Linux 6.6; older headers lack it */
 #endif
+#ifndef UFFD_FEATURE_MOVE
+#define UFFD_FEATURE_MOVE (1 << 16) /* Linux 6.8 */
+#endif
 
 /*
  * What the daemon needs from UFFDIO_API; the optional ones are taken when
  * offered.  POISON lets the daemon make a page it cannot restore raise
- * SIGBUS instead of reading as zeros.
+ * SIGBUS instead of reading as zeros; MOVE lets its access sampler park
+ * pages in the staging area.
  */
 #define FEATURES_REQUIRED ((uint64_t)UFFD_FEATURE_PAGEFAULT_FLAG_WP)
 #define FEATURES_WANTED                                                                      \
 	((uint64_t)UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_THREAD_ID |                     \
 	 UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP |        \
-	 UFFD_FEATURE_POISON)
+	 UFFD_FEATURE_POISON | UFFD_FEATURE_MOVE)
 
 enum client_state { ST_OPEN, ST_RUNNING, ST_STOPPED, ST_ENDED };
 
@@ -68,6 +72,7 @@ struct predicomp_client {
 	pthread_mutex_t send_lock; /* one frame at a time on the socket */
 	int sock;
 	int uffd; /* our copy while a session runs, so a vanished daemon is noticed */
+	void *staging; /* pages the daemon's access sampler parks here (PCP_STAGING_PAGES) */
 	enum client_state state;
 	uint32_t seq;
 	uint32_t nranges;
@@ -405,6 +410,59 @@ static int do_evict(struct predicomp_client *pc, const void *buf, int len)
 	return send_frame(pc, PCP_EVICT_DONE, &done, sizeof done, -1);
 }
 
+#ifndef _UFFDIO_MOVE
+#define _UFFDIO_MOVE (0x05)
+struct uffdio_move {
+	uint64_t dst;
+	uint64_t src;
+	uint64_t len;
+	uint64_t mode;
+	int64_t move;
+};
+#define UFFDIO_MOVE _IOWR(UFFDIO, _UFFDIO_MOVE, struct uffdio_move)
+#endif
+
+/*
+ * The daemon's access sampler parks pages in the staging area.  The moves
+ * are ours to make: the kernel allows UFFDIO_MOVE only within the caller's
+ * own address space.
+ */
+static int do_sample(struct predicomp_client *pc, const void *buf, int len)
+{
+	struct pcp_sample sm;
+	struct pcp_sample_done done = {0};
+	uint8_t bitmap[(PCP_SAMPLE_MAX_MOVES + 7) / 8] = {0};
+	const char *p = (const char *)buf + sizeof sm;
+	char reply[sizeof done + sizeof bitmap];
+
+	if (len < (int)sizeof sm)
+		return -EPROTO;
+	memcpy(&sm, buf, sizeof sm);
+	if (sm.nmoves > PCP_SAMPLE_MAX_MOVES ||
+	    (size_t)len != sizeof sm + (size_t)sm.nmoves * sizeof(struct pcp_move) || !pc->staging)
+		return -EPROTO;
+	if (sm.flags & PCP_SAMPLE_ZAP_STAGING)
+		madvise(pc->staging, PCP_STAGING_PAGES * PAGE, MADV_DONTNEED);
+	for (uint32_t i = 0; i < sm.nmoves; i++) {
+		struct pcp_move mv;
+		struct uffdio_move um;
+		memcpy(&mv, p + i * sizeof mv, sizeof mv);
+		if ((uintptr_t)mv.dst < (uintptr_t)pc->staging ||
+		    (uintptr_t)mv.dst >= (uintptr_t)pc->staging + PCP_STAGING_PAGES * PAGE)
+			continue; /* only ever into our staging area */
+		um = (struct uffdio_move){.dst = mv.dst, .src = mv.src, .len = PAGE};
+		if (!ioctl(pc->uffd, UFFDIO_MOVE, &um)) {
+			bitmap[i / 8] |= (uint8_t)(1u << (i % 8));
+			done.nmoved++;
+		}
+	}
+	done.request_id = sm.request_id;
+	done.nmoves = sm.nmoves;
+	memcpy(reply, &done, sizeof done);
+	memcpy(reply + sizeof done, bitmap, (sm.nmoves + 7) / 8);
+	return send_frame(pc, PCP_SAMPLE_DONE, reply, sizeof done + (sm.nmoves + 7) / 8, -1);
+}
+
 static void unregister_all(struct predicomp_client *pc)
 {
 	for (uint32_t i = 0; i < pc->nranges; i++) {
@@ -455,6 +513,8 @@ static void *agent_main(void *arg)
 		}
 		if (h.type == PCP_EVICT) {
 			rc = do_evict(pc, buf, len);
+		} else if (h.type == PCP_SAMPLE) {
+			rc = do_sample(pc, buf, len);
 		} else if (h.type == PCP_ACK) {
 			struct pcp_ack ack;
 			if (len < (int)sizeof ack) {
@@ -564,9 +624,20 @@ int predicomp_client_start(struct predicomp_client *pc)
 		rc = fd;
 		goto out;
 	}
+	if ((start.uffd_features & UFFD_FEATURE_MOVE) && pc->has_agent && !pc->staging) {
+		/* address space only: pages arrive here just while they are being sampled */
+		void *st = mmap(NULL, PCP_STAGING_PAGES * PAGE, PROT_READ | PROT_WRITE,
+				MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+		if (st != MAP_FAILED) {
+			madvise(st, PCP_STAGING_PAGES * PAGE, MADV_NOHUGEPAGE);
+			madvise(st, PCP_STAGING_PAGES * PAGE, MADV_DONTFORK);
+			pc->staging = st;
+		}
+	}
 	hello = (struct pcp_hello){.pid = (uint32_t)getpid(),
-				   .nranges = pc->nranges,
-				   .caps = PCP_CAP_PREFETCH | (pc->has_agent ? PCP_CAP_AGENT : 0),
+				   .nranges = pc->nranges + (pc->staging ? 1 : 0),
+				   .caps = PCP_CAP_PREFETCH | (pc->has_agent ? PCP_CAP_AGENT : 0) |
+					   (pc->staging ? PCP_CAP_STAGING : 0),
 				   .page_size = PAGE};
 	rc = send_frame(pc, PCP_HELLO, &hello, sizeof hello, -1);
 	for (uint32_t i = 0; !rc && i < pc->nranges; i++) {
@@ -574,6 +645,13 @@ int predicomp_client_start(struct predicomp_client *pc)
 				      .length = pc->ranges[i].len,
 				      .flags = pc->ranges[i].flags,
 				      .index = i};
+		rc = send_frame(pc, PCP_RANGE, &r, sizeof r, -1);
+	}
+	if (!rc && pc->staging) {
+		struct pcp_range r = {.addr = (uintptr_t)pc->staging,
+				      .length = PCP_STAGING_PAGES * PAGE,
+				      .flags = PCP_RANGE_ANON_PRIVATE | PCP_RANGE_WRITABLE | PCP_RANGE_STAGING,
+				      .index = pc->nranges};
 		rc = send_frame(pc, PCP_RANGE, &r, sizeof r, -1);
 	}
 	if (!rc)
@@ -714,6 +792,8 @@ int predicomp_client_close(struct predicomp_client *pc)
 #endif
 	if (pc->uffd >= 0)
 		close(pc->uffd);
+	if (pc->staging)
+		munmap(pc->staging, PCP_STAGING_PAGES * PAGE);
 	close(pc->sock);
 	pthread_mutex_destroy(&pc->lock);
 	pthread_mutex_destroy(&pc->send_lock);

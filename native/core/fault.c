@@ -140,6 +140,14 @@ static int serve_fault(struct fault_ctx *fc, uint64_t fault_addr, uint64_t flags
 	}
 	idx = (addr - r->start) >> PAGE_SHIFT;
 	p = &r->pages[idx];
+	if ((p->flags & MC_PF_SAMPLED) && !(flags & UFFD_PAGEFAULT_FLAG_WP)) {
+		rc = sample_fault(s, r, idx, fc->scratch);
+		if (rc == -EEXIST) {
+			wake(s, addr, PAGE);
+			rc = 0;
+		}
+		return rc;
+	}
 	p->stamp_ms = (uint32_t)(t0 / 1000000u);
 
 	if (flags & UFFD_PAGEFAULT_FLAG_WP) {
@@ -175,6 +183,7 @@ static int serve_fault(struct fault_ctx *fc, uint64_t fault_addr, uint64_t flags
 			kind = p->state == MC_ZERO ? MC_TR_ZEROFILL : MC_TR_FAULT;
 			rc = restore_page(s, r, idx, write, fc->scratch);
 			if (!rc) {
+				s->c.promotions++;
 				p->flags &= (uint8_t)~MC_PF_HELD; /* the copy woke any held writer */
 				if (kind == MC_TR_FAULT)
 					readahead(s, r, idx, fc->scratch);
@@ -239,6 +248,8 @@ static void forget_pages(struct mc_session *s, uint64_t start, uint64_t end, boo
 				continue;
 			if (p->flags & MC_PF_HELD)
 				wake(s, a, PAGE);
+			if (p->flags & MC_PF_SAMPLED)
+				sample_forget(s, p);
 			drop_copy(s, r, p);
 			p->flags = 0;
 			set_state(r, p, MC_UNTOUCHED);

@@ -39,6 +39,23 @@ struct range {
 
 #define TRACE_CAP 2048u
 
+/* A staging slot: where a sampled page waits, and what to give back to it. */
+struct slot {
+	uint64_t page;
+	uint32_t range;
+	uint32_t old_stamp; /* the page's stamp before sampling (the page's field holds the slot) */
+	uint8_t status;
+	uint8_t reported; /* a USED slot was reported by mc_sample_collect */
+};
+/*
+ * FREE: empty, reusable.  PENDING: the agent was asked to move the page in.
+ * OUT: the page is here.  USED: the page was used and copied back (the
+ * slot keeps a stale copy).  DIRTY: copied back unused, stale copy.  The
+ * agent zaps the whole staging area before the next moves, which turns
+ * USED and DIRTY slots FREE.  LOST: never reused (see sample_forget).
+ */
+enum { SLOT_FREE, SLOT_PENDING, SLOT_OUT, SLOT_USED, SLOT_DIRTY, SLOT_LOST };
+
 struct mc_session {
 	int uffd;
 	int pid;
@@ -73,6 +90,13 @@ struct mc_session {
 	uint64_t hist[MC_HIST_BUCKETS];
 
 	/* sequential fault detection for readahead (fault thread only) */
+	/* sampling: staging area in the target, registered like a range */
+	uint64_t staging_start;
+	uint32_t staging_npages;
+	struct slot *slots;
+	uint32_t *free_slots;
+	uint32_t nfree_slots;
+
 	uint64_t last_fault_addr;
 	uint64_t ra_expect; /* first page after the last readahead window */
 	uint32_t ra_window;
@@ -119,6 +143,14 @@ int restore_page(struct mc_session *s, struct range *r, uint64_t idx, bool writa
 uint64_t restore_run(struct mc_session *s, struct range *r, uint64_t first, uint64_t count,
 		     bool final, uint8_t *scratch);
 void release_held(struct mc_session *s, struct range *r, uint64_t idx, uint8_t *scratch);
+void lose_page(struct mc_session *s, struct range *r, uint64_t idx);
+
+/* sample.c (caller holds s->lock) */
+uint32_t page_stamp(const struct mc_session *s, const struct page *p);
+int sample_fault(struct mc_session *s, struct range *r, uint64_t idx, uint8_t *scratch);
+void sample_forget(struct mc_session *s, struct page *p);
+bool unsample(struct mc_session *s, struct range *r, uint64_t idx, uint8_t *scratch);
+uint64_t sampled_page_addr(struct mc_session *s, struct range *r, uint64_t idx);
 
 /* fault.c */
 void *fault_main(void *arg);

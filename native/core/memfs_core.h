@@ -20,6 +20,7 @@
 #define MC_ZERO 4       /* evicted, known all-zero: no blob */
 #define MC_EVICTING 5   /* being freed by the agent; writes are held */
 #define MC_NSTATES 6
+#define MC_SAMPLED 6 /* shown by mc_page_info only: resident or clean, parked by the sampler */
 
 /* Page flags. */
 #define MC_PF_SAME 0x01             /* copy is a repeated 8-byte word (no blob) */
@@ -28,7 +29,7 @@
 #define MC_PF_PREFETCHED 0x08       /* restored by prefetch, not written since */
 #define MC_PF_PREFETCH_PENDING 0x10 /* asked for by a prefetch, not restored yet */
 #define MC_PF_INCOMPRESSIBLE 0x20   /* last attempt did not pay; skipped until written */
-#define MC_PF_ACCESSED 0x40         /* the access source saw it used since last reset */
+#define MC_PF_SAMPLED 0x40          /* moved to the staging area by the sampler */
 
 /* Codecs: all produce LZ4 blocks (the format of python-lz4's lz4.block). */
 #define MC_CODEC_LZ4 0
@@ -103,6 +104,10 @@ struct mc_counters {
 	uint64_t events_unmap;
 	uint64_t events_remap;
 	uint64_t anomalies;
+	uint64_t promotions;      /* faults that restored an evicted page */
+	uint64_t samples;         /* pages the sampler took out */
+	uint64_t sampler_faults;  /* faults on sampled pages: accesses seen */
+	uint64_t sampler_lost_slots; /* staging slots given up (the target dropped a sampled page) */
 	uint64_t store_pages;
 	uint64_t store_bytes_logical;
 	uint64_t store_bytes_compressed;
@@ -165,6 +170,17 @@ struct mc_op_result {
 	uint64_t bytes_out;
 };
 
+struct mc_move {
+	uint64_t src; /* a page of a range */
+	uint64_t dst; /* a staging slot */
+};
+
+struct mc_sample_result {
+	uint32_t range;
+	uint32_t accessed;
+	uint64_t page;
+};
+
 struct mc_session;
 
 /* global */
@@ -176,6 +192,7 @@ uint64_t mc_now_ms(void);
 /* session lifecycle */
 struct mc_session *mc_session_new(int uffd, int pid, uint32_t nranges, const uint64_t *addrs,
 				  const uint64_t *lengths, int *err);
+int mc_session_set_staging(struct mc_session *s, uint64_t addr, uint64_t npages);
 int mc_session_register(struct mc_session *s, char *errbuf, size_t errlen);
 int mc_session_start(struct mc_session *s);
 void mc_session_stop(struct mc_session *s);
@@ -200,6 +217,14 @@ int mc_evict_complete(struct mc_session *s, const struct mc_addr_run *runs, size
 int mc_restore(struct mc_session *s, const struct mc_run *runs, size_t nruns, uint32_t flags,
 	       struct mc_op_result *res);
 int mc_mark_prefetch(struct mc_session *s, const struct mc_run *runs, size_t nruns);
+
+/* access sampling: the agent moves pages to the staging area; a fault on one means "used" */
+int64_t mc_sample_prepare(struct mc_session *s, const struct mc_run *pages, size_t n,
+			  struct mc_move *moves, size_t cap, int *zap);
+int mc_sample_commit(struct mc_session *s, const struct mc_move *moves, size_t n,
+		     const uint8_t *moved);
+int64_t mc_sample_collect(struct mc_session *s, struct mc_sample_result *out, size_t cap, int final);
+int mc_note_access(struct mc_session *s, const struct mc_run *runs, size_t nruns, uint32_t when_ms);
 
 /* inspection */
 int64_t mc_select(struct mc_session *s, int32_t range, uint32_t state_mask, uint32_t min_age_ms,

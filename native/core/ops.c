@@ -83,11 +83,13 @@ static int compress_batch(struct mc_session *s, struct range *r, uint64_t first,
 	for (uint64_t i = first; i < first + n; i++) {
 		struct page *p = &r->pages[i];
 		res->pages_seen++;
+		if (p->flags & MC_PF_SAMPLED)
+			unsample(s, r, i, buf); /* buf is free until the pages are read */
 		if (p->state == MC_CLEAN) {
 			res->pages_done++; /* has a copy already */
 			continue;
 		}
-		if (p->state != MC_RESIDENT || (p->flags & MC_PF_COMPRESSING) ||
+		if (p->state != MC_RESIDENT || (p->flags & (MC_PF_COMPRESSING | MC_PF_SAMPLED)) ||
 		    (!(flags & MC_COMPRESS_FOR_EVICT) && (p->flags & MC_PF_INCOMPRESSIBLE))) {
 			res->pages_skipped++;
 			continue;
@@ -247,10 +249,14 @@ int64_t mc_evict_prepare(struct mc_session *s, const struct mc_run *runs, size_t
 {
 	int64_t nout = 0;
 	int rc = check_runs(s, runs, nruns);
+	uint8_t *scratch;
 
 	memset(res, 0, sizeof *res);
 	if (rc)
 		return rc;
+	scratch = aligned_alloc(PAGE, PAGE);
+	if (!scratch)
+		return -ENOMEM;
 	pthread_rwlock_wrlock(&s->gate);
 	pthread_mutex_lock(&s->lock);
 	for (size_t i = 0; i < nruns; i++) {
@@ -259,7 +265,9 @@ int64_t mc_evict_prepare(struct mc_session *s, const struct mc_run *runs, size_t
 			struct page *p = &r->pages[j];
 			uint64_t addr = r->start + (j << PAGE_SHIFT);
 			res->pages_seen++;
-			if (p->state != MC_CLEAN) {
+			if (p->flags & MC_PF_SAMPLED)
+				unsample(s, r, j, scratch);
+			if (p->state != MC_CLEAN || (p->flags & MC_PF_SAMPLED)) {
 				res->pages_skipped++;
 				continue;
 			}
@@ -278,6 +286,7 @@ int64_t mc_evict_prepare(struct mc_session *s, const struct mc_run *runs, size_t
 	}
 	pthread_mutex_unlock(&s->lock);
 	pthread_rwlock_unlock(&s->gate);
+	free(scratch);
 	return nout;
 }
 
@@ -414,6 +423,7 @@ int mc_restore(struct mc_session *s, const struct mc_run *runs, size_t nruns, ui
 					continue;
 				if (p->state == MC_CLEAN || p->state == MC_RESIDENT) {
 					restored++;
+					p->stamp_ms = (uint32_t)mc_now_ms(); /* restored: as good as used */
 					p->flags &= (uint8_t)~MC_PF_PREFETCH_PENDING;
 					if (!final)
 						p->flags |= MC_PF_PREFETCHED;

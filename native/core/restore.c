@@ -30,7 +30,7 @@ static const uint8_t zero_page[PAGE] __attribute__((aligned(PAGE)));
  * fail loudly on that page (SIGBUS) rather than read zeros where its data
  * was; fall back to zeros only on kernels without UFFDIO_POISON.
  */
-static void lose_page(struct mc_session *s, struct range *r, uint64_t idx)
+void lose_page(struct mc_session *s, struct range *r, uint64_t idx)
 {
 	struct page *p = &r->pages[idx];
 	uint64_t addr = r->start + (idx << PAGE_SHIFT);

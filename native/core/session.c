@@ -324,6 +324,19 @@ int mc_session_register(struct mc_session *s, char *errbuf, size_t errlen)
 		pthread_mutex_unlock(&s->lock);
 		free(present);
 	}
+	if (s->staging_npages) {
+		/* where the sampler parks pages; moving pages in and out needs UFFDIO_MOVE */
+		struct uffdio_register reg = {
+			.range = {.start = s->staging_start, .len = (uint64_t)s->staging_npages << PAGE_SHIFT},
+			.mode = UFFDIO_REGISTER_MODE_MISSING};
+		if (ioctl(s->uffd, UFFDIO_REGISTER, &reg) || !(reg.ioctls & (1ULL << 0x05))) {
+			free(s->slots);
+			free(s->free_slots);
+			s->slots = NULL;
+			s->free_slots = NULL;
+			s->staging_npages = s->nfree_slots = 0; /* no sampling in this session */
+		}
+	}
 	return 0;
 }
 
@@ -358,6 +371,11 @@ int mc_session_unregister(struct mc_session *s)
 		if (ioctl(s->uffd, UFFDIO_UNREGISTER, &ur) && !rc)
 			rc = -errno;
 	}
+	if (s->staging_npages) {
+		struct uffdio_range ur = {.start = s->staging_start,
+					  .len = (uint64_t)s->staging_npages << PAGE_SHIFT};
+		ioctl(s->uffd, UFFDIO_UNREGISTER, &ur);
+	}
 	return rc;
 }
 
@@ -376,6 +394,8 @@ void mc_session_free(struct mc_session *s)
 	}
 	free(s->ranges);
 	free(s->by_addr);
+	free(s->slots);
+	free(s->free_slots);
 	if (s->uffd >= 0)
 		close(s->uffd);
 	if (s->pagemap_fd >= 0)
@@ -471,10 +491,10 @@ int mc_page_info(struct mc_session *s, uint32_t range, uint64_t first, uint64_t 
 	pthread_mutex_lock(&s->lock);
 	for (uint64_t i = 0; i < count; i++) {
 		const struct page *p = &s->ranges[range].pages[first + i];
-		out[i] = (struct mc_page_info){.state = p->state,
+		out[i] = (struct mc_page_info){.state = p->flags & MC_PF_SAMPLED ? MC_SAMPLED : p->state,
 					       .flags = p->flags,
 					       .csize = (p->flags & MC_PF_SAME) ? 0 : p->csize,
-					       .age_ms = now - p->stamp_ms};
+					       .age_ms = now - page_stamp(s, p)};
 	}
 	pthread_mutex_unlock(&s->lock);
 	return 0;
@@ -505,7 +525,10 @@ int mc_read_data(struct mc_session *s, uint32_t range, uint64_t first, uint64_t 
 			struct page *p = &r->pages[first + pos + i];
 			char *dst = (char *)buf + (pos + i) * PAGE;
 			if (p->state == MC_RESIDENT || p->state == MC_CLEAN) {
-				uint64_t addr = r->start + ((first + pos + i) << PAGE_SHIFT);
+				/* a sampled page waits in its staging slot */
+				uint64_t addr = p->flags & MC_PF_SAMPLED
+						    ? sampled_page_addr(s, r, first + pos + i)
+						    : r->start + ((first + pos + i) << PAGE_SHIFT);
 				if (nio && (char *)local[nio - 1].iov_base + local[nio - 1].iov_len == dst &&
 				    (uint64_t)(uintptr_t)remote[nio - 1].iov_base + remote[nio - 1].iov_len == addr) {
 					local[nio - 1].iov_len += PAGE;
@@ -545,7 +568,7 @@ static void age_hist(struct mc_session *s, uint32_t lo, uint32_t hi, uint32_t st
 	for (uint32_t ri = lo; ri < hi; ri++)
 		for (uint64_t j = 0; j < s->ranges[ri].npages; j++) {
 			struct page *p = &s->ranges[ri].pages[j];
-			uint32_t age = now - p->stamp_ms;
+			uint32_t age = now - page_stamp(s, p);
 			if ((state_mask >> p->state) & 1 && age >= min_age_ms)
 				hist[age_bucket(age)]++;
 		}
@@ -598,7 +621,7 @@ int64_t mc_select(struct mc_session *s, int32_t range, uint32_t state_mask, uint
 		struct range *r = &s->ranges[ri];
 		for (uint64_t j = 0; j < r->npages && taken < max_pages; j++) {
 			struct page *p = &r->pages[j];
-			uint32_t age = now - p->stamp_ms;
+			uint32_t age = now - page_stamp(s, p);
 			if (!((state_mask >> p->state) & 1) || age < min_age_ms)
 				continue;
 			if (cut >= 0) {

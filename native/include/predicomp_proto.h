@@ -31,18 +31,23 @@
 #define PCP_STOP 4
 #define PCP_PREFETCH 5
 #define PCP_EVICT_DONE 6
+#define PCP_SAMPLE_DONE 7
 /* message types: daemon -> target */
 #define PCP_ACK 64
 #define PCP_ERR 65
 #define PCP_EVICT 66
+#define PCP_SAMPLE 67
 
 /* HELLO capabilities */
 #define PCP_CAP_AGENT 0x1    /* an agent thread executes EVICT requests */
 #define PCP_CAP_PREFETCH 0x2 /* the target may send PREFETCH hints */
+#define PCP_CAP_STAGING 0x4  /* the last RANGE is a staging area; the agent executes SAMPLE */
 
 /* RANGE flags (same values as PREDICOMP_CLIENT_RANGE_F_*) */
 #define PCP_RANGE_ANON_PRIVATE 0x1
 #define PCP_RANGE_WRITABLE 0x2
+#define PCP_RANGE_STAGING 0x4 /* not the target's data: where sampled pages are parked */
+#define PCP_STAGING_PAGES 1024
 
 struct pcp_header {
 	uint32_t magic;
@@ -100,6 +105,25 @@ struct pcp_evict {
 	uint32_t flags; /* 0 */
 };
 #define PCP_EVICT_MAX_RUNS ((PCP_MAX_PAYLOAD - sizeof(struct pcp_evict)) / sizeof(struct pcp_addr_run))
+
+/* SAMPLE: the agent moves pages into staging slots (UFFDIO_MOVE works within one mm only) */
+struct pcp_sample {
+	uint64_t request_id;
+	uint32_t nmoves; /* struct pcp_move follow */
+	uint32_t flags;  /* PCP_SAMPLE_ZAP_STAGING */
+};
+#define PCP_SAMPLE_ZAP_STAGING 0x1 /* MADV_DONTNEED the whole staging area first */
+struct pcp_move {
+	uint64_t src; /* a page of a registered range */
+	uint64_t dst; /* a staging slot */
+};
+#define PCP_SAMPLE_MAX_MOVES ((PCP_MAX_PAYLOAD - sizeof(struct pcp_sample)) / sizeof(struct pcp_move))
+
+struct pcp_sample_done {
+	uint64_t request_id;
+	uint32_t nmoves; /* as asked; a bitmap of (nmoves + 7) / 8 bytes follows: bit i set = moved */
+	uint32_t nmoved;
+};
 
 struct pcp_evict_done {
 	uint64_t request_id;

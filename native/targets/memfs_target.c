@@ -12,6 +12,8 @@
  *                          then every page is checked for each writer's last value
  *   touch seq|rand N SEED  read N pages (rand) or all (seq); per-touch latency in ns
  *   prefetch FIRST COUNT   predicomp_client_prefetch on those pages
+ *   hot FIRST COUNT        a thread keeps using those pages (reads and rewrites a word
+ *                          of each, every few ms) without changing them; "hot off" stops it
  *   stop | exit
  *
  * MEMFS_TARGET_DEBUG=1 makes stress report the first lost write of each writer on stderr.
@@ -222,6 +224,42 @@ static void cmd_stress(double seconds, unsigned nthreads)
 	       writes, bad + lost, lost, bad, first_bad);
 }
 
+/* ---- a hot set: pages in use, contents unchanged ---- */
+
+static pthread_t hot_thread;
+static atomic_int hot_stop, hot_running;
+static size_t hot_first, hot_count;
+
+static void *hot_main(void *arg)
+{
+	(void)arg;
+	while (!atomic_load(&hot_stop)) {
+		for (size_t i = hot_first; i < hot_first + hot_count && i < npages; i++) {
+			volatile uint64_t *w = (volatile uint64_t *)(region + i * PAGE + 256);
+			*w = *w; /* a read and a write, same value */
+		}
+		usleep(5000);
+	}
+	return NULL;
+}
+
+static void cmd_hot(const char *arg, size_t first, size_t count)
+{
+	if (atomic_load(&hot_running)) {
+		atomic_store(&hot_stop, 1);
+		pthread_join(hot_thread, NULL);
+		atomic_store(&hot_running, 0);
+	}
+	if (strcmp(arg, "off")) {
+		hot_first = first;
+		hot_count = count;
+		atomic_store(&hot_stop, 0);
+		pthread_create(&hot_thread, NULL, hot_main, NULL);
+		atomic_store(&hot_running, 1);
+	}
+	printf("HOT running=%d first=%zu count=%zu\n", atomic_load(&hot_running), hot_first, hot_count);
+}
+
 static int cmp_u64(const void *a, const void *b)
 {
 	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
@@ -341,6 +379,10 @@ int main(int argc, char **argv)
 			cmd_stress(d, (unsigned)x);
 		} else if (sscanf(line, "touch %31s %lu %lu", a, &x, &z) >= 1) {
 			cmd_touch(a, x, z ? z : 1);
+		} else if (!strncmp(line, "hot off", 7)) {
+			cmd_hot("off", 0, 0);
+		} else if (sscanf(line, "hot %lu %lu", &x, &y) == 2) {
+			cmd_hot("on", x, y);
 		} else if (sscanf(line, "prefetch %lu %lu", &x, &y) == 2) {
 			int rc = pc ? predicomp_client_prefetch(pc, region + x * PAGE, y * PAGE) : -ENOTCONN;
 			printf("PREFETCH rc=%d\n", rc);
@@ -353,6 +395,7 @@ int main(int argc, char **argv)
 			printf("ERROR unknown command\n");
 		}
 	}
+	cmd_hot("off", 0, 0);
 	if (pc)
 		predicomp_client_close(pc);
 	return 0;

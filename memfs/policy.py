@@ -1,0 +1,114 @@
+"""What the daemon does by itself with a session's memory.
+
+Every `damon_read_ms`, per session:
+
+1. Promotions (faults that had to restore an evicted page) are turned into
+   a rate: percent of the working set (resident registered pages) per
+   minute.  Above `promotion_target_pct` the policy backs off: the age at
+   which a page counts as cold doubles (up to 64x cold_age_ms); below half
+   the target it comes back down.  Google's far-memory system runs at about
+   0.2 % per minute; that is the default.
+2. While the session's resident registered memory is above its
+   `soft_cap_bytes`, its coldest pages are evicted down to the cap (the
+   cap wins over the back-off).
+3. Otherwise pages idle for the (backed-off) cold age are cold:
+   `policy compress` gives them compressed copies in the background, so
+   that evicting them later costs nothing; `policy evict` frees them.
+4. A fault rate above `degraded_fault_rate` (faults per second) sets the
+   session's `degraded` event to 1; it goes back to 0 below half of it.
+
+Settings are read each round from the session's config (overrides, then
+the daemon's), so changes apply without a restart.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from .core import PAGE_SIZE, STATE_BITS
+
+log = logging.getLogger("memfs.policy")
+
+MAX_BACKOFF = 64
+PRESENT = STATE_BITS["resident"] | STATE_BITS["clean"]
+
+
+class Policy:
+    COUNTERS = ("policy_rounds", "policy_compress_pages", "policy_evict_pages", "cold_page_marks",
+                "policy_backoffs", "policy_cold_age_ms", "promotion_rate_ppm")
+
+    def __init__(self, session):
+        self.session = session
+        self.backoff = 1
+        self.compressed = 0
+        self.evicted = 0
+        self.cold_marks = 0
+        self.backoffs = 0
+        self.rounds = 0
+        self.promotion_rate_ppm = 0  # parts per million of the working set per minute
+        self._last: tuple[float, int, int] | None = None
+
+    def cold_age_ms(self) -> int:
+        return self.session.config.get("cold_age_ms") * self.backoff
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(self.session.config.get("damon_read_ms") / 1000)
+            try:
+                await self.step()
+            except OSError as e:
+                log.info("%s: policy round stopped: %s", self.session, e)
+
+    async def step(self) -> None:
+        s, cfg = self.session, self.session.config
+        c = s.native.counters()
+        now = time.monotonic()
+        resident = sum(r.pages_in["resident"] + r.pages_in["clean"] for r in s.native.ranges())
+        faults = c["faults_missing"] + c["faults_wp"]
+        if self._last is not None:
+            dt = max(1e-3, now - self._last[0])
+            promotions = c["promotions"] - self._last[1]
+            rate_pct = promotions / max(1, resident) * 100 * 60 / dt
+            self.promotion_rate_ppm = int(rate_pct * 10_000)
+            target = cfg.get("promotion_target_pct")
+            if rate_pct > target and self.backoff < MAX_BACKOFF:
+                self.backoff *= 2
+                self.backoffs += 1
+            elif rate_pct < target / 2 and self.backoff > 1:
+                self.backoff //= 2
+            fault_rate = (faults - self._last[2]) / dt
+            threshold = cfg.get("degraded_fault_rate")
+            if fault_rate > threshold:
+                s.set_degraded(True)
+            elif fault_rate < threshold / 2:
+                s.set_degraded(False)
+        self._last = (now, c["promotions"], faults)
+        self.rounds += 1
+
+        mode = cfg.get("policy")
+        if mode == "off":
+            return
+        pager = s.pager
+        cap = cfg.get("soft_cap_bytes")
+        if cap is not None and resident * PAGE_SIZE > cap and pager.source.can_free:
+            excess = -(-(resident * PAGE_SIZE - cap) // PAGE_SIZE)
+            runs, _ = s.native.select(None, PRESENT, max_pages=excess, order=1)
+            self.evicted += (await pager.evict(runs)).done
+            return
+        age = self.cold_age_ms()
+        if mode == "evict" and pager.source.can_free:
+            runs, n = s.native.select(None, PRESENT, min_age_ms=age)
+            self.cold_marks += n
+            if runs:
+                self.evicted += (await pager.evict(runs)).done
+        else:
+            runs, n = s.native.select(None, STATE_BITS["resident"], min_age_ms=age)
+            self.cold_marks += n
+            if runs:
+                self.compressed += (await pager.compress(runs)).done
+
+    def counters(self) -> dict[str, int]:
+        return dict(zip(self.COUNTERS, (self.rounds, self.compressed, self.evicted, self.cold_marks,
+                                        self.backoffs, self.cold_age_ms(), self.promotion_rate_ppm)))

@@ -1,0 +1,163 @@
+"""Finding cold pages (the sampler; DAMON where the kernel allows) and the policy acting on them.
+
+These run a real daemon and real targets with a known hot set, and judge
+the daemon against that ground truth through the filesystem."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import trio
+
+from fsutil import flat, read_pages, sh
+from helpers import c_target, wait_for
+
+from memfs import core, selection
+
+MB = 256  # pages per MiB
+EVICTED = ("compressed", "zero")
+SAMPLER = ("--access-source", "sampler", "--sample-ms", "50", "--damon-read-ms", "500")
+
+
+def page_states(d, sid):
+    return [st for _, st, _, _ in read_pages(d.session_dir(sid) / "ranges" / "0" / "pages")]
+
+
+def evicted_share(states, pages) -> float:
+    return sum(states[i] in EVICTED for i in pages) / len(pages)
+
+
+async def test_sampler_and_policy_evict_the_cold_part_only(fsd, targets):
+    """A target uses 16 MiB of 128 MiB; the rest must go, the hot part must stay."""
+    d = await fsd(*SAMPLER, "--policy", "evict", "--cold-age-ms", "3000")
+    t = await targets(c_target(d.sock, 128, "--pattern", "text"))
+    hot = range(32 * MB, 48 * MB)
+    cold = [i for i in range(t.npages) if i not in hot]
+    await t.command(f"hot {hot.start} {len(hot)}")
+    s = d.session_dir(t.session_id)
+    assert flat(s / "stat")["access_source"] == "sampler"
+
+    def settled():
+        st = page_states(d, t.session_id)
+        return evicted_share(st, cold) >= 0.9 and st
+
+    st = await wait_for(settled, timeout=60, interval=0.5)
+    await trio.sleep(2)  # a few more rounds: the hot part must still be there
+    st = page_states(d, t.session_id)
+    assert evicted_share(st, cold) >= 0.9
+    hot_out = evicted_share(st, hot)
+    assert hot_out <= 0.05, f"{hot_out:.1%} of the hot part was evicted"
+    stat = flat(s / "stat")
+    assert int(stat["samples"]) > 0 and int(stat["sampler_cpu_ns"]) > 0, "overhead is reported"
+    assert int(stat["policy_evict_pages"]) >= 0.9 * len(cold)
+    assert int(stat["promotions"]) <= 0.1 * len(hot), "hot pages were not evicted and faulted back either"
+    heat = [line.split() for line in (s / "ranges" / "0" / "heat").read_text().splitlines()]
+    hot_regions = [r for r in heat if int(r[3]) > 50]
+    assert hot_regions and all(int(r[0]) + int(r[1]) > hot.start and int(r[0]) < hot.stop for r in hot_regions), \
+        "regions seen used lie in the hot part"
+    await t.command("hot off")
+    assert await t.verify() == (t.npages, 0)
+
+
+async def test_soft_cap_keeps_resident_memory_under_it(fsd, targets):
+    d = await fsd(*SAMPLER, "--policy", "compress", "--soft-cap-bytes", "24M")
+    t = await targets(c_target(d.sock, 64, "--pattern", "text"))
+    await t.command(f"hot 0 {8 * MB}")
+    s = d.session_dir(t.session_id)
+
+    def resident():
+        st = flat(s / "stat")
+        return (int(st["pages_resident"]) + int(st["pages_clean"])) * 4096
+
+    await wait_for(lambda: resident() <= 24 << 20, timeout=30, interval=0.2)
+    samples = []
+    for _ in range(20):  # it stays there while the target runs
+        await trio.sleep(0.25)
+        samples.append(resident())
+    assert max(samples) <= 24 << 20, f"resident went up to {max(samples) >> 20} MiB"
+    st = page_states(d, t.session_id)
+    assert evicted_share(st, range(8 * MB)) <= 0.05, "the hot 8 MiB stays"
+    await t.command("hot off")
+    assert await t.verify() == (t.npages, 0)
+
+
+async def test_changing_cold_age_takes_effect_at_once(fsd, targets):
+    d = await fsd(*SAMPLER, "--policy", "evict", "--cold-age-ms", "3600000")
+    t = await targets(c_target(d.sock, 8, "--pattern", "text"))
+    await trio.sleep(2)
+    assert evicted_share(page_states(d, t.session_id), range(t.npages)) == 0, "nothing is an hour old"
+    await sh(f"echo 500 > {d.mnt}/config/cold_age_ms", check=True)
+    await wait_for(lambda: evicted_share(page_states(d, t.session_id), range(t.npages)) > 0.9, timeout=20)
+    # and back for one session only
+    await sh(f"echo 3600000 > {d.session_dir(t.session_id)}/config/cold_age_ms", check=True)
+    await sh(f"echo prefetch > {d.session_dir(t.session_id)}/ctl", check=True)
+    await trio.sleep(2)
+    assert evicted_share(page_states(d, t.session_id), range(t.npages)) == 0
+
+
+async def test_promotions_make_the_policy_back_off_and_degraded_is_signalled(fsd, targets):
+    """Pages that are evicted as cold and then used again: promotions above the
+    target rate double the cold age; a fault storm marks the session degraded."""
+    d = await fsd("--access-source", "none", "--policy", "evict", "--cold-age-ms", "300",
+                  "--damon-read-ms", "300", "--degraded-fault-rate", "200")
+    t = await targets(c_target(d.sock, 8, "--pattern", "text"))
+    s = d.session_dir(t.session_id)
+    events = os.open(s / "events", os.O_RDONLY)
+    try:
+        os.pread(events, 4096, 0)
+        cold_ages = []
+        for _ in range(8):  # touch everything again and again: each round promotes what was evicted
+            await wait_for(lambda: evicted_share(page_states(d, t.session_id), range(t.npages)) > 0.5, timeout=20)
+            await t.command("touch seq 0 1")
+            await trio.sleep(0.4)  # a policy round sees the promotions
+            cold_ages.append(int(flat(s / "stat")["policy_cold_age_ms"]))
+        stat = flat(s / "stat")
+        assert int(stat["promotions"]) > 0 and int(stat["policy_backoffs"]) > 0
+        assert max(cold_ages) > 300, "promotions above the target rate lengthen the cold age"
+        seen = dict(line.split() for line in os.pread(events, 4096, 0).decode().splitlines())
+        assert seen["degraded"] == "1" or int(flat(d.mnt / "events")["degraded"]) >= 1
+        await wait_for(lambda: flat(s / "events")["degraded"] == "0", timeout=20)  # quiet again
+    finally:
+        os.close(events)
+    assert seen is not None
+
+
+@pytest.mark.parametrize("access_source", ["sampler"])
+async def test_prefetch_hits_and_misses(daemon, sock_path, targets):
+    t = await targets(c_target(sock_path, 4, "--pattern", "text"))
+    s = daemon.sessions[t.session_id]
+    runs = selection.all_runs(s.native)
+    await s.pager.evict(runs)
+    # a miss: asked for, touched before it was restored
+    s.native.mark_prefetch([(0, 5, 1)])
+    await t.command("write 5 1")
+    assert s.counters()["prefetch_misses"] == 1
+    # hits: restored ahead, then used (a write fault, or the sampler seeing a read)
+    await s.pager.prefetch([(0, 10, 20)])
+    for i in range(10, 20):
+        await t.command(f"write {i} 2")
+    c = s.counters()
+    assert c["prefetch_hits"] >= 10 and c["prefetch_restored"] == 20
+    assert await t.verify() == (t.npages, 0)
+
+
+async def test_sampled_pages_are_never_lost(fsd, targets):
+    """The sampler moves pages out and back while the target writes everywhere."""
+    d = await fsd("--access-source", "sampler", "--sample-ms", "5", "--damon-read-ms", "50",
+                  "--policy", "off")
+    t = await targets(c_target(d.sock, 4))
+    r = await t.command("stress 4 4", timeout=120)
+    assert int(r["bad"]) == 0
+    stat = flat(d.session_dir(t.session_id) / "stat")
+    assert int(stat["samples"]) > 100 and int(stat["sampler_faults"]) > 10, "pages went out and came back under the writers"
+    assert await t.verify() == (t.npages, 0)
+
+
+def test_damon_is_only_read_here():
+    """This kernel has DAMON paddr only, run by the system: memfs must say why it
+    cannot use it and write nothing (the suite-wide fixture checks kdamond 0)."""
+    from memfs.access.damon import Damon
+    from memfs.config import Config
+    reason = Damon(Config()).probe()
+    assert "vaddr" in reason or "kdamond" in reason or "DAMON" in reason
