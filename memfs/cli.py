@@ -81,11 +81,26 @@ def cmd_demo(args) -> int:
     return run(args.mb, args.pattern, args.keep)
 
 
+def cmd_bench(args) -> int:
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("zram_vs_memfs", os.path.join(root, "bench", "zram_vs_memfs.py"))
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    return bench.main(args.bench_args)
+
+
 def cmd_test(args) -> int:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     os.chdir(root)
     os.execv(sys.executable, [sys.executable, "-m", "pytest", *args.pytest_args])
     return 1
+
+
+def cmd_test_vm(args) -> int:
+    from .vm import main
+    return main(args.pytest_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,12 +130,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--keep", action="store_true", help="leave the daemon running and mounted at the end")
     d.set_defaults(func=cmd_demo)
 
+    b = sub.add_parser("bench", help="memfs and zram side by side on the same data (bench/zram_vs_memfs.py; "
+                       "its options follow)", add_help=False)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
+
     t = sub.add_parser("test", help="run the test suite (pytest arguments follow)")
     t.add_argument("pytest_args", nargs=argparse.REMAINDER)
     t.set_defaults(func=cmd_test)
+
+    v = sub.add_parser("test-vm", help="run the DAMON vaddr tests in a VM with Debian's 6.12 kernel")
+    v.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    v.set_defaults(func=cmd_test_vm)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if argv and argv[0] in ("test", "test-vm", "bench"):
+        # everything after the subcommand is pytest's (or the benchmark's), options included
+        args = parser.parse_args(argv[:1])
+        args.pytest_args = args.bench_args = argv[1:]
+    else:
+        args = parser.parse_args(argv)
     return args.func(args)

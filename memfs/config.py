@@ -103,8 +103,11 @@ SETTINGS = {s.name: s for s in [
             native="spin_us"),
     Setting("faultaround_pages", 16, _int_range(1, 512),
             "zero pages mapped around a first touch of untouched memory", native="faultaround_pages"),
-    Setting("readahead_max_pages", 0, _int_range(0, 256),
+    Setting("readahead_max_pages", 64, _int_range(0, 256),
             "most pages restored after a sequential fault (0: off)", native="readahead_max_pages"),
+    Setting("follow_fault_cpu", 1, _int_range(0, 1),
+            "1: each session's fault thread moves to the CPU where the faulting thread runs",
+            native="follow_fault_cpu"),
     Setting("policy", "compress", _choice("off", "compress", "evict"),
             "what the daemon does by itself with cold pages: nothing, give them compressed copies, "
             "or evict them (above the soft cap the coldest are evicted unless off)", per_session=True),

@@ -28,6 +28,8 @@ from .core import NativeSession, OpResult, Run
 log = logging.getLogger("memfs.pager")
 
 CHUNK_PAGES = 2048  # pages per native call: the grain of cancellation
+PREFETCH_CHUNK_PAGES = 1024
+PREFETCH_THREADS = 2
 EVICT_SETTLE_SECONDS = 10.0
 
 
@@ -151,8 +153,16 @@ class Pager:
         async def prefetch():
             self.native.mark_prefetch(runs)
             total = OpResult()
-            for chunk in chunked(runs):
-                total.merge(await self._in_thread(self.native.restore, chunk, False))
+            chunks = iter(chunked(runs, PREFETCH_CHUNK_PAGES))
+
+            async def worker():
+                for chunk in chunks:  # shared: each chunk goes to one worker
+                    total.merge(await self._in_thread(self.native.restore, chunk, False))
+
+            # two threads: one decodes while the other copies in (native prefetch_batch)
+            async with trio.open_nursery() as nursery:
+                for _ in range(PREFETCH_THREADS):
+                    nursery.start_soon(worker)
             return total
         return await self._run_op(prefetch)
 

@@ -21,6 +21,10 @@ from memfs.config import Config  # noqa: E402
 from memfs.daemon import Daemon  # noqa: E402
 
 
+# tests/vm need DAMON vaddr: they run inside the VM (`memfs test-vm`), not here
+collect_ignore = [] if os.environ.get("MEMFS_IN_VM") else ["vm"]
+
+
 def pytest_configure(config):
     if os.geteuid() != 0:
         raise pytest.UsageError("the memfs tests need root (userfaultfd, FUSE, /proc of other processes)")

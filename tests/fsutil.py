@@ -77,7 +77,9 @@ def read_pages(path: Path) -> list[tuple[int, str, int, int]]:
     out = []
     with open(path) as f:
         for line in f:
-            i, state, csize, age = line.split()
+            fields = line.split()
+            assert len(fields) == 4, f"{path}: malformed line {line!r}"
+            i, state, csize, age = fields
             out.append((int(i), state, int(csize), int(age)))
     return out
 

@@ -228,7 +228,7 @@ async def test_metrics_parse_as_prometheus(fsd, targets):
 
 
 async def test_trace_streams_events(fsd, targets):
-    d = await fsd()
+    d = await fsd("--readahead-max-pages", "0")  # one fault line per page read back
     t = await targets(c_target(d.sock, 1))
     s = d.session_dir(t.session_id)
     await write(s / "ctl", "evict")

@@ -100,7 +100,8 @@ async def test_promotions_make_the_policy_back_off_and_degraded_is_signalled(fsd
     """Pages that are evicted as cold and then used again: promotions above the
     target rate double the cold age; a fault storm marks the session degraded."""
     d = await fsd("--access-source", "none", "--policy", "evict", "--cold-age-ms", "300",
-                  "--damon-read-ms", "300", "--degraded-fault-rate", "200")
+                  "--damon-read-ms", "300", "--degraded-fault-rate", "200",
+                  "--readahead-max-pages", "0")  # every page touched is a fault: a storm
     t = await targets(c_target(d.sock, 8, "--pattern", "text"))
     s = d.session_dir(t.session_id)
     events = os.open(s / "events", os.O_RDONLY)

@@ -7,16 +7,19 @@ ranges only (one initial region per range, never a span across holes;
 `update_us` is set so long that DAMON does not replace them with its own
 "three regions" guess) and carries one `stat` scheme whose tried regions
 are read every `damon_read_ms`, as damo does.  A region used in the last
-aggregation interval stamps its pages as used now; an idle one as used
-`age` intervals ago (a stamp never gets older, so the pager's own faults
-still count).
+aggregation interval stamps its pages as used now.  An idle region stamps
+nothing: it is no evidence of use, and DAMON restarts a region's `age`
+whenever it splits or merges it, so "idle for age intervals" would make
+cold pages look young (the heat file shows the age).
 
 Whose kdamonds these are: memfs only ever writes to kdamonds it created.
 Adding kdamonds means rewriting `nr_kdamonds`, which drops every existing
 kdamond directory (and fails with EBUSY while any runs), so memfs uses
 DAMON only when no other kdamond exists, and records the ones it made in
-a state file, so that a daemon that crashed has its kdamonds torn down by
-the next one.  All of them go when the daemon stops.
+a state file: for each, its operations, target pid and update interval.  The
+next daemon tears down what a crashed one left only if every kdamond
+still matches that record; otherwise they are someone else's now, and
+it leaves them alone.  All of them go when the daemon stops.
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ log = logging.getLogger("memfs.access")
 ADMIN = Path("/sys/kernel/mm/damon/admin")
 STATE_FILE = Path("/run/memfs/damon-kdamonds.json")
 UPDATE_US = 3_600_000_000  # do not let vaddr's periodic update replace our regions
+# the stat scheme must match every region: its default access pattern matches none
+MATCH_ALL = {"sz": 2**64 - 1, "nr_accesses": 2**32 - 1, "age": 2**32 - 1}
 
 
 def _read(path: Path) -> str:
@@ -90,20 +95,37 @@ class Damon:
         path = self.kdamonds / str(k) / "contexts" / "0" / "avail_operations"
         return _read(path) if path.exists() else None
 
+    def _identity(self, k: int) -> dict:
+        """What marks kdamond k as the one we configured (our update_us is unusual)."""
+        ctx = self.kdamonds / str(k) / "contexts" / "0"
+        ident = {}
+        for key, path in (("ops", ctx / "operations"),
+                          ("target", ctx / "targets" / "0" / "pid_target"),
+                          ("update_us", ctx / "monitoring_attrs" / "intervals" / "update_us")):
+            try:
+                ident[key] = _read(path)
+            except OSError:
+                ident[key] = None
+        return ident
+
     def _clean_leftovers(self) -> None:
-        """Tear down kdamonds a crashed memfs left (per its state file)."""
+        """Tear down kdamonds a crashed memfs left, if they are still exactly those."""
         try:
             state = json.loads(self.state_file.read_text())
         except (OSError, ValueError):
             return
-        pid, count = state.get("pid"), state.get("kdamonds", 0)
+        pid, ours = state.get("pid"), state.get("kdamonds", [])
         if pid and os.path.exists(f"/proc/{pid}") and pid != os.getpid():
             raise OSError(errno.EBUSY, f"another memfs daemon (pid {pid}) owns kdamonds")
-        if count and int(_read(self.kdamonds / "nr_kdamonds")) == count:
-            log.warning("access: stopping %d kdamond(s) left by a memfs daemon that died", count)
-            for k in range(count):
+        n = int(_read(self.kdamonds / "nr_kdamonds"))
+        if ours and n == len(ours) and all(self._identity(k) == ident for k, ident in enumerate(ours)):
+            log.warning("access: stopping %d kdamond(s) left by a memfs daemon that died", n)
+            for k in range(n):
                 self._stop(k)
             _write(self.kdamonds / "nr_kdamonds", 0)
+        elif ours:
+            log.warning("access: kdamonds recorded by a memfs daemon that died are not as it left "
+                        "them: someone else's now; leaving them alone")
         self.state_file.unlink(missing_ok=True)
 
     def _stop(self, k: int) -> None:
@@ -118,15 +140,16 @@ class Damon:
             self._stop(k)
         _write(self.kdamonds / "nr_kdamonds", len(sessions))
         self.owned = len(sessions)
-        if sessions:
-            self.state_file.parent.mkdir(parents=True, exist_ok=True)
-            self.state_file.write_text(json.dumps({"pid": os.getpid(), "kdamonds": len(sessions)}))
-        else:
-            self.state_file.unlink(missing_ok=True)
         for k, s in enumerate(sessions):
             self._configure(k, s)
             _write(self.kdamonds / str(k) / "state", "on")
             s.access.kdamond = k
+        if sessions:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            self.state_file.write_text(json.dumps(
+                {"pid": os.getpid(), "kdamonds": [self._identity(k) for k in range(len(sessions))]}))
+        else:
+            self.state_file.unlink(missing_ok=True)
 
     def _configure(self, k: int, session) -> None:
         ctx = self.kdamonds / str(k) / "contexts"
@@ -148,7 +171,11 @@ class Damon:
             _write(t / "regions" / str(i) / "start", r.start)
             _write(t / "regions" / str(i) / "end", r.start + r.length)
         _write(c / "schemes" / "nr_schemes", 1)
-        _write(c / "schemes" / "0" / "action", "stat")  # the default access pattern matches all
+        scheme = c / "schemes" / "0"
+        _write(scheme / "action", "stat")
+        for name, top in MATCH_ALL.items():
+            _write(scheme / "access_pattern" / name / "min", 0)
+            _write(scheme / "access_pattern" / name / "max", top)
 
     async def attach(self, session) -> None:
         async with self._lock:
@@ -159,8 +186,7 @@ class Damon:
         async with self._lock:
             if session in self.sessions:
                 self.sessions.remove(session)
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self._apply, list(self.sessions))
+                await trio.to_thread.run_sync(self._apply, list(self.sessions))
 
     async def shutdown(self) -> None:
         async with self._lock:
@@ -198,27 +224,31 @@ class DamonSource(AccessSource):
                 regions = await trio.to_thread.run_sync(self.damon.snapshot, self.kdamond)
                 self._apply(regions)
         finally:
-            await self.damon.detach(self.session)
+            # shielded as a whole: taking the lock is itself a checkpoint, and a
+            # cancelled session must still give its kdamond back
+            with trio.CancelScope(shield=True):
+                await self.damon.detach(self.session)
 
     def _apply(self, regions) -> None:
         now = now_ms()
         aggr_ms = self.damon.config.get("damon_read_ms")
-        by_when: dict[int, list] = {}
+        samples_per_aggr = aggr_ms // max(1, self.damon.config.get("sample_ms"))
         heat: dict[int, list[HeatRegion]] = {}
         infos = self.session.native.ranges()
+        used = []
         for start, end, nr_accesses, age in regions:
-            when = now if nr_accesses else now - age * aggr_ms
             for info in infos:
                 lo, hi = max(start, info.start), min(end, info.start + info.length)
                 if lo >= hi:
                     continue
                 first = (lo - info.start) // PAGE_SIZE
                 count = -(-(hi - info.start) // PAGE_SIZE) - first
-                by_when.setdefault(when, []).append((info.index, first, count))
-                heat.setdefault(info.index, []).append(
-                    HeatRegion(first, count, nr_accesses, 100 if nr_accesses else 0, now - when))
-        for when, runs in by_when.items():
-            self.session.native.note_access(runs, when)
+                if nr_accesses:
+                    used.append((info.index, first, count))
+                heat.setdefault(info.index, []).append(HeatRegion(
+                    first, count, nr_accesses, 100 * nr_accesses // max(1, samples_per_aggr),
+                    0 if nr_accesses else age * aggr_ms))
+        self.session.native.note_access(used, now)
         self._heat = heat
         self.snapshots += 1
         self.regions_read += len(regions)

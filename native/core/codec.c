@@ -10,7 +10,8 @@ struct mc_tunables tun = {
 	.min_savings_pct = 12,
 	.spin_us = 0,
 	.faultaround_pages = 16,
-	.readahead_max_pages = 0,
+	.readahead_max_pages = 64,
+	.follow_fault_cpu = 1,
 	.debug_unsafe_evict = 0,
 };
 

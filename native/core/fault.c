@@ -15,7 +15,10 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/userfaultfd.h>
+#include <sched.h>
+#include <stdio.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +36,11 @@ struct retry {
 struct fault_ctx {
 	struct mc_session *s;
 	uint8_t *scratch;
+	uint32_t last_tid;   /* the thread that faulted last */
+	uint64_t next_place; /* when to look at its CPU again */
+	uint64_t run_delay;  /* our schedstat run-queue delay when last looked */
+	uint64_t backoff_until;
+	bool idle;           /* running SCHED_IDLE (following faulting threads) */
 	struct retry retry[RETRY_CAP];
 	unsigned nretry;
 };
@@ -92,7 +100,7 @@ static int first_touch(struct mc_session *s, struct range *r, uint64_t idx, bool
  * faulting one is served, in a window that doubles while the pattern
  * holds (as the kernel's readahead does).
  */
-static void readahead(struct mc_session *s, struct range *r, uint64_t idx, uint8_t *scratch)
+static void read_ahead(struct mc_session *s, struct range *r, uint64_t idx, uint8_t *scratch)
 {
 	uint64_t addr = r->start + (idx << PAGE_SHIFT), n;
 	uint32_t max = tun.readahead_max_pages;
@@ -185,8 +193,7 @@ static int serve_fault(struct fault_ctx *fc, uint64_t fault_addr, uint64_t flags
 			if (!rc) {
 				s->c.promotions++;
 				p->flags &= (uint8_t)~MC_PF_HELD; /* the copy woke any held writer */
-				if (kind == MC_TR_FAULT)
-					readahead(s, r, idx, fc->scratch);
+				read_ahead(s, r, idx, fc->scratch); /* zero pages too: they are part of a sweep */
 			}
 			break;
 		case MC_UNTOUCHED:
@@ -289,6 +296,7 @@ static void handle_msg(struct fault_ctx *fc, const struct uffd_msg *m, uint64_t 
 	struct mc_session *s = fc->s;
 	switch (m->event) {
 	case UFFD_EVENT_PAGEFAULT:
+		fc->last_tid = m->arg.pagefault.feat.ptid;
 		if (serve_fault(fc, m->arg.pagefault.address, m->arg.pagefault.flags,
 				m->arg.pagefault.feat.ptid, t0) == -EAGAIN &&
 		    fc->nretry < RETRY_CAP)
@@ -352,6 +360,99 @@ static bool drain(struct fault_ctx *fc, struct uffd_msg *msgs, int *err)
 	return n > 0;
 }
 
+/*
+ * Placement.  On this kind of VM a wake-up across vCPUs costs tens of
+ * microseconds each way, more than serving the fault; on the faulting
+ * thread's own CPU the switch to us and back is cheap, and that thread
+ * cannot run anyway while its fault waits.  So the fault thread follows
+ * the thread that faults, looking (a /proc read, ~10 us) at most every
+ * PLACE_NS.  It also runs SCHED_IDLE: otherwise, when our UFFDIO_COPY wakes
+ * the faulting thread, the scheduler sees our CPU busy (with us) and wakes
+ * it on the other one, and the two drift apart again; a CPU running only a
+ * SCHED_IDLE thread counts as idle, so the woken thread stays.  Nobody pins
+ * anything by hand.
+ *
+ * The price of SCHED_IDLE: other busy threads on that CPU would starve us.
+ * Our run-queue delay (schedstat) tells: above STARVED_NS per PLACE_NS we
+ * become an ordinary thread on any CPU for BACKOFF_NS, then try again.
+ */
+#define PLACE_NS 20000000ull
+#define STARVED_NS 10000000ull
+#define BACKOFF_NS 1000000000ull
+
+static uint64_t read_u64_field(const char *path, int field)
+{
+	char buf[1024], *p = buf;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	ssize_t n;
+	if (fd < 0)
+		return UINT64_MAX;
+	n = read(fd, buf, sizeof buf - 1);
+	close(fd);
+	if (n <= 0)
+		return UINT64_MAX;
+	buf[n] = 0;
+	if (field > 2) { /* a /proc stat line: the command name may hold spaces */
+		p = strrchr(buf, ')');
+		for (int f = 2; p && f < field; f++)
+			p = strchr(p + 1, ' ');
+	} else {
+		for (int f = 1; p && f < field; f++)
+			p = strchr(p + 1, ' ');
+	}
+	return p ? strtoull(p + (p != buf), NULL, 10) : UINT64_MAX;
+}
+
+static void set_idle_policy(struct fault_ctx *fc, bool idle)
+{
+	struct sched_param sp = {0};
+	if (sched_setscheduler(0, idle ? SCHED_IDLE : SCHED_OTHER, &sp))
+		return;
+	fc->idle = idle;
+	if (!idle) { /* any CPU again */
+		cpu_set_t all;
+		CPU_ZERO(&all);
+		for (int c = 0; c < CPU_SETSIZE && c < 1024; c++)
+			CPU_SET(c, &all);
+		sched_setaffinity(0, sizeof all, &all);
+	}
+}
+
+static void follow_faulting_cpu(struct fault_ctx *fc)
+{
+	char path[64];
+	uint64_t now = now_ns(), delay, cpu;
+	cpu_set_t set;
+
+	if (!tun.follow_fault_cpu) {
+		if (fc->idle)
+			set_idle_policy(fc, false);
+		return;
+	}
+	if (!fc->last_tid || now < fc->next_place)
+		return;
+	fc->next_place = now + PLACE_NS;
+	delay = read_u64_field("/proc/thread-self/schedstat", 2);
+	if (fc->idle && delay != UINT64_MAX && fc->run_delay && delay - fc->run_delay > STARVED_NS) {
+		set_idle_policy(fc, false);
+		fc->backoff_until = now + BACKOFF_NS;
+		fc->s->c.fault_thread_starved++;
+	} else if (!fc->idle && now >= fc->backoff_until) {
+		set_idle_policy(fc, true);
+	}
+	fc->run_delay = delay;
+	if (!fc->idle)
+		return;
+	snprintf(path, sizeof path, "/proc/%d/task/%u/stat", fc->s->pid, fc->last_tid);
+	cpu = read_u64_field(path, 39);
+	if (cpu >= CPU_SETSIZE || (int)cpu == sched_getcpu())
+		return;
+	CPU_ZERO(&set);
+	CPU_SET((int)cpu, &set);
+	if (!sched_setaffinity(0, sizeof set, &set))
+		fc->s->c.fault_thread_moves++;
+}
+
 void *fault_main(void *arg)
 {
 	struct mc_session *s = arg;
@@ -366,11 +467,14 @@ void *fault_main(void *arg)
 		return NULL;
 	}
 	fc->s = s;
+	if (tun.follow_fault_cpu)
+		set_idle_policy(fc, true);
 	while (!atomic_load(&s->stopping)) {
 		struct pollfd pfd[2] = {{.fd = s->uffd, .events = POLLIN},
 					{.fd = s->stop_fd, .events = POLLIN}};
 		int err = 0, timeout;
 		if (drain(fc, msgs, &err)) {
+			follow_faulting_cpu(fc);
 			if (tun.spin_us)
 				spin_until = now_ns() + (uint64_t)tun.spin_us * 1000u;
 			continue;

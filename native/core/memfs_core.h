@@ -30,6 +30,7 @@
 #define MC_PF_PREFETCH_PENDING 0x10 /* asked for by a prefetch, not restored yet */
 #define MC_PF_INCOMPRESSIBLE 0x20   /* last attempt did not pay; skipped until written */
 #define MC_PF_SAMPLED 0x40          /* moved to the staging area by the sampler */
+#define MC_PF_PINNED 0x80           /* a prefetch decodes the blob unlocked: a drop leaves it to it */
 
 /* Codecs: all produce LZ4 blocks (the format of python-lz4's lz4.block). */
 #define MC_CODEC_LZ4 0
@@ -100,6 +101,8 @@ struct mc_counters {
 	uint64_t prefetch_misses;
 	uint64_t readahead_pages;
 	uint64_t faultaround_pages;
+	uint64_t fault_thread_moves;   /* times the fault thread followed a faulting thread's CPU */
+	uint64_t fault_thread_starved; /* times it gave up SCHED_IDLE: busy threads kept it waiting */
 	uint64_t events_remove;
 	uint64_t events_unmap;
 	uint64_t events_remap;
@@ -131,7 +134,7 @@ struct mc_tunables {
 	uint32_t faultaround_pages;   /* zero pages mapped around a fault on untouched memory */
 	uint32_t readahead_max_pages; /* most pages restored after a sequential fault */
 	uint32_t debug_unsafe_evict;  /* TESTS ONLY: let writes through during eviction (loses them) */
-	uint32_t reserved;
+	uint32_t follow_fault_cpu;    /* fault thread moves to the CPU of the thread that faults */
 	uint64_t store_cap_bytes; /* the store takes no new blob beyond this (0: no limit) */
 };
 

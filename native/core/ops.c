@@ -29,6 +29,7 @@
 
 #define CBATCH 64
 #define RBATCH 16
+#define PBATCH 64
 
 static int check_run(struct mc_session *s, const struct mc_run *run)
 {
@@ -381,29 +382,145 @@ static void settle_evicting(struct mc_session *s, struct range *r, uint64_t firs
 	}
 }
 
+/* After a batch was restored: count it, stamp the pages that came back (caller holds s->lock). */
+static void restored_batch(struct mc_session *s, struct range *r, uint64_t first, uint64_t n,
+			   const bool *was_out, bool final, struct mc_op_result *res)
+{
+	uint64_t restored = 0;
+	for (uint64_t k = 0; k < n; k++) {
+		struct page *p = &r->pages[first + k];
+		if (final && p->state == MC_CLEAN) {
+			drop_copy(s, r, p);
+			set_state(r, p, MC_RESIDENT);
+		}
+		if (!was_out[k])
+			continue;
+		if (p->state == MC_CLEAN || p->state == MC_RESIDENT) {
+			restored++;
+			p->stamp_ms = (uint32_t)mc_now_ms(); /* restored: as good as used */
+			p->flags &= (uint8_t)~MC_PF_PREFETCH_PENDING;
+			if (!final)
+				p->flags |= MC_PF_PREFETCHED;
+		}
+	}
+	if (final)
+		wp_range(s, r->start + (first << PAGE_SHIFT), n << PAGE_SHIFT, false);
+	res->pages_done += restored;
+	res->pages_skipped += n - restored;
+	if (!final)
+		s->c.prefetch_restored += restored;
+	if (restored)
+		trace_add(s, MC_TR_PREFETCH, r->index, first, restored, 0, 0);
+}
+
+/*
+ * Prefetch a batch in three steps: pin the blobs (locked), decode them
+ * unlocked -- so that two threads decode at once and faults are served
+ * meanwhile -- then copy in the pages nothing changed (locked).  A page
+ * restored by a fault in between is skipped; if that fault dropped the
+ * copy (a write), drop_copy() left the pinned blob to us to free.
+ */
+static void prefetch_batch(struct mc_session *s, struct range *r, uint64_t first, uint64_t n,
+			   uint8_t *scratch, struct mc_op_result *res)
+{
+	uint64_t copy[PBATCH];
+	uint16_t csize[PBATCH];
+	bool decoded[PBATCH], was_out[PBATCH];
+
+	pthread_mutex_lock(&s->lock);
+	for (uint64_t k = 0; k < n; k++) {
+		struct page *p = &r->pages[first + k];
+		was_out[k] = p->state == MC_COMPRESSED || p->state == MC_ZERO;
+		decoded[k] = false;
+		copy[k] = 0;
+		res->pages_seen++;
+		if (p->state == MC_COMPRESSED && p->copy && !(p->flags & (MC_PF_SAME | MC_PF_PINNED))) {
+			p->flags |= MC_PF_PINNED;
+			copy[k] = p->copy;
+			csize[k] = p->csize;
+		}
+	}
+	pthread_mutex_unlock(&s->lock);
+
+	for (uint64_t k = 0; k < n; k++) {
+		if (!copy[k])
+			continue;
+		if (csize[k] == PAGE) {
+			memcpy(scratch + k * PAGE, store_ptr(copy[k]), PAGE);
+			decoded[k] = true;
+		} else {
+			decoded[k] = codec_decompress(store_ptr(copy[k]), csize[k], scratch + k * PAGE) == 0;
+		}
+	}
+
+	pthread_mutex_lock(&s->lock);
+	for (uint64_t k = 0; k < n; k++) {
+		struct page *p = &r->pages[first + k];
+		if (!copy[k])
+			continue;
+		if (p->flags & MC_PF_PINNED) {
+			p->flags &= (uint8_t)~MC_PF_PINNED;
+		} else { /* the copy was dropped meanwhile: its blob is ours to free */
+			store_free(copy[k], csize[k]);
+			decoded[k] = false;
+		}
+	}
+	for (uint64_t i = 0; i < n;) {
+		uint64_t j = i;
+		if (r->pages[first + i].state == MC_COMPRESSED && decoded[i]) {
+			int64_t done = 0;
+			uint64_t got;
+			while (j < n && r->pages[first + j].state == MC_COMPRESSED && decoded[j])
+				j++;
+			copy_pages(s, r->start + ((first + i) << PAGE_SHIFT), scratch + i * PAGE,
+				   (j - i) << PAGE_SHIFT, true, &done);
+			got = (uint64_t)done >> PAGE_SHIFT;
+			for (uint64_t k = i; k < i + got; k++)
+				set_state(r, &r->pages[first + k], MC_CLEAN);
+			s->c.restore_ok += got;
+			/* stopped early (the page is there already, or the mm changed): skip it */
+			i = got < j - i ? i + got + 1 : j;
+		} else {
+			/* zero and same-filled pages, and any whose copy did not decode: as usual */
+			while (j < n && !(r->pages[first + j].state == MC_COMPRESSED && decoded[j]))
+				j++;
+			restore_run(s, r, first + i, j - i, false, scratch + i * PAGE);
+			i = j;
+		}
+	}
+	restored_batch(s, r, first, n, was_out, false, res);
+	pthread_mutex_unlock(&s->lock);
+}
+
 int mc_restore(struct mc_session *s, const struct mc_run *runs, size_t nruns, uint32_t flags,
 	       struct mc_op_result *res)
 {
 	bool final = flags & MC_RESTORE_FINAL;
+	uint64_t batch = final ? RBATCH : PBATCH;
 	uint8_t *scratch;
 	int rc = check_runs(s, runs, nruns);
 
 	memset(res, 0, sizeof *res);
 	if (rc)
 		return rc;
-	scratch = aligned_alloc(PAGE, RBATCH * PAGE);
+	scratch = aligned_alloc(PAGE, batch * PAGE);
 	if (!scratch)
 		return -ENOMEM;
 	for (size_t i = 0; i < nruns && !rc; i++) {
 		struct range *r = &s->ranges[runs[i].range];
-		for (uint64_t pos = 0; pos < runs[i].count; pos += RBATCH) {
-			uint64_t first = runs[i].first + pos, restored = 0;
-			uint64_t n = runs[i].count - pos < RBATCH ? runs[i].count - pos : RBATCH;
+		for (uint64_t pos = 0; pos < runs[i].count; pos += batch) {
+			uint64_t first = runs[i].first + pos;
+			uint64_t n = runs[i].count - pos < batch ? runs[i].count - pos : batch;
 			bool was_out[RBATCH];
 			if (atomic_load(&s->dead)) {
 				rc = -ESRCH;
 				break;
 			}
+			if (!final) {
+				prefetch_batch(s, r, first, n, scratch, res);
+				continue;
+			}
+			/* the end of a session: the target gets every page back writable */
 			pthread_mutex_lock(&s->lock);
 			if (flags & MC_RESTORE_VERIFY)
 				settle_evicting(s, r, first, n, scratch);
@@ -412,31 +529,8 @@ int mc_restore(struct mc_session *s, const struct mc_run *runs, size_t nruns, ui
 				was_out[k] = p->state == MC_COMPRESSED || p->state == MC_ZERO;
 				res->pages_seen++;
 			}
-			restore_run(s, r, first, n, final, scratch);
-			for (uint64_t k = 0; k < n; k++) {
-				struct page *p = &r->pages[first + k];
-				if (final && p->state == MC_CLEAN) {
-					drop_copy(s, r, p);
-					set_state(r, p, MC_RESIDENT);
-				}
-				if (!was_out[k])
-					continue;
-				if (p->state == MC_CLEAN || p->state == MC_RESIDENT) {
-					restored++;
-					p->stamp_ms = (uint32_t)mc_now_ms(); /* restored: as good as used */
-					p->flags &= (uint8_t)~MC_PF_PREFETCH_PENDING;
-					if (!final)
-						p->flags |= MC_PF_PREFETCHED;
-				}
-			}
-			if (final)
-				wp_range(s, r->start + (first << PAGE_SHIFT), n << PAGE_SHIFT, false);
-			res->pages_done += restored;
-			res->pages_skipped += n - restored;
-			if (!final)
-				s->c.prefetch_restored += restored;
-			if (restored)
-				trace_add(s, MC_TR_PREFETCH, r->index, first, restored, 0, 0);
+			restore_run(s, r, first, n, true, scratch);
+			restored_batch(s, r, first, n, was_out, true, res);
 			pthread_mutex_unlock(&s->lock);
 		}
 	}

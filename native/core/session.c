@@ -68,7 +68,9 @@ void drop_copy(struct mc_session *s, struct range *r, struct page *p)
 	if (!has_copy(p))
 		return;
 	account_copy(s, r, p, -1);
-	if (!(p->flags & MC_PF_SAME))
+	if (p->flags & MC_PF_PINNED)
+		p->flags &= (uint8_t)~MC_PF_PINNED; /* the prefetch decoding it frees the blob */
+	else if (!(p->flags & MC_PF_SAME))
 		store_free(p->copy, p->csize);
 	p->copy = 0;
 	p->csize = 0;

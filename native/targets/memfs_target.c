@@ -10,8 +10,11 @@
  *   write PAGE BYTE        fill a page with BYTE (updates the expectation)
  *   stress SECONDS THREADS writers put sequence numbers in random pages,
  *                          then every page is checked for each writer's last value
- *   touch seq|rand N SEED  read N pages (rand) or all (seq); per-touch latency in ns
+ *   touch seq|rand N SEED  read all pages in order (seq) or N distinct ones in random
+ *                          order (rand); per-touch latency in ns
  *   prefetch FIRST COUNT   predicomp_client_prefetch on those pages
+ *   pageout                madvise(MADV_PAGEOUT) on the whole region (the kernel's swap,
+ *                          e.g. zram, takes it); answers the time it took
  *   hot FIRST COUNT        a thread keeps using those pages (reads and rewrites a word
  *                          of each, every few ms) without changing them; "hot off" stops it
  *   stop | exit
@@ -20,7 +23,8 @@
  *
  * Data sets (4 KiB pages): zero, text (word records), ints (small
  * integers), random (incompressible), mixed (the four in turn), none
- * (nothing written: the pages stay untouched).
+ * (nothing written: the pages stay untouched), or --data FILE: the file's
+ * pages in turn (repeated if the file is shorter than the region).
  */
 #define _GNU_SOURCE
 #include "predicomp_client.h"
@@ -46,6 +50,8 @@ static size_t npages;
 static uint64_t *expect; /* FNV-1a of each page's expected contents */
 static uint64_t seed = 1;
 static const char *pattern = "mixed";
+static uint8_t *data_file; /* --data: the pages of a file */
+static size_t data_pages;
 static struct predicomp_client *pc;
 
 static uint64_t splitmix(uint64_t *x)
@@ -84,6 +90,10 @@ static void gen_page(uint8_t *p, size_t i)
 				      "golf", "hotel", "india", "juliet", "kilo", "lima",
 				      "mike", "november", "oscar", "papa"};
 	uint64_t st = seed * 0x9e3779b97f4a7c15ull ^ (i * 0x100000001b3ull);
+	if (data_file) {
+		memcpy(p, data_file + (i % data_pages) * PAGE, PAGE);
+		return;
+	}
 	switch (kind_of(i)) {
 	case K_ZERO:
 		memset(p, 0, PAGE);
@@ -260,6 +270,27 @@ static void cmd_hot(const char *arg, size_t first, size_t count)
 	printf("HOT running=%d first=%zu count=%zu\n", atomic_load(&hot_running), hot_first, hot_count);
 }
 
+static void cmd_pageout(void)
+{
+	uint64_t t0 = now_ns();
+	int rc = madvise(region, npages * PAGE, MADV_PAGEOUT);
+	printf("PAGEOUT rc=%d wall_ns=%" PRIu64 "\n", rc ? -errno : 0, now_ns() - t0);
+}
+
+static int load_data(const char *path)
+{
+	FILE *f = fopen(path, "rbe");
+	long len;
+	if (!f || fseek(f, 0, SEEK_END) || (len = ftell(f)) < (long)PAGE || fseek(f, 0, SEEK_SET))
+		return -1;
+	data_pages = (size_t)len / PAGE;
+	data_file = malloc(data_pages * PAGE);
+	if (!data_file || fread(data_file, PAGE, data_pages, f) != data_pages)
+		return -1;
+	fclose(f);
+	return 0;
+}
+
 static int cmp_u64(const void *a, const void *b)
 {
 	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
@@ -269,14 +300,26 @@ static int cmp_u64(const void *a, const void *b)
 /* Touch pages and time each touch: the latency a program sees. */
 static void cmd_touch(const char *how, size_t n, uint64_t s)
 {
-	uint64_t *lat, sum = 0, t_all = now_ns();
+	uint64_t *lat, sum = 0, t_all;
+	size_t *order = NULL;
 	volatile uint64_t sink = 0;
 	bool seq = !strcmp(how, "seq");
 	if (seq || !n || n > npages)
 		n = npages;
 	lat = malloc(n * sizeof *lat);
+	if (!seq) { /* n distinct pages in random order: a partial Fisher-Yates shuffle */
+		order = malloc(npages * sizeof *order);
+		for (size_t k = 0; k < npages; k++)
+			order[k] = k;
+		for (size_t k = 0; k < n; k++) {
+			size_t j = k + splitmix(&s) % (npages - k), t = order[k];
+			order[k] = order[j];
+			order[j] = t;
+		}
+	}
+	t_all = now_ns();
 	for (size_t k = 0; k < n; k++) {
-		size_t pg = seq ? k : splitmix(&s) % npages;
+		size_t pg = seq ? k : order[k];
 		uint64_t t0 = now_ns();
 		sink += *(volatile uint64_t *)(region + pg * PAGE);
 		lat[k] = now_ns() - t0;
@@ -289,6 +332,7 @@ static void cmd_touch(const char *how, size_t n, uint64_t s)
 	       " max=%" PRIu64 " mean=%" PRIu64 "\n",
 	       n, t_all, lat[n / 2], lat[n * 99 / 100], lat[n * 999 / 1000], lat[n - 1], sum / n);
 	free(lat);
+	free(order);
 }
 
 int main(int argc, char **argv)
@@ -303,7 +347,13 @@ int main(int argc, char **argv)
 			mb = strtoul(argv[++i], NULL, 0);
 		else if (!strcmp(argv[i], "--pattern") && i + 1 < argc)
 			pattern = argv[++i];
-		else if (!strcmp(argv[i], "--seed") && i + 1 < argc)
+		else if (!strcmp(argv[i], "--data") && i + 1 < argc) {
+			pattern = "data";
+			if (load_data(argv[++i])) {
+				fprintf(stderr, "%s: cannot read at least one page\n", argv[i]);
+				return 2;
+			}
+		} else if (!strcmp(argv[i], "--seed") && i + 1 < argc)
 			seed = strtoull(argv[++i], NULL, 0);
 		else if (!strcmp(argv[i], "--socket") && i + 1 < argc)
 			sock = argv[++i];
@@ -313,7 +363,7 @@ int main(int argc, char **argv)
 			start = 0;
 		else {
 			fprintf(stderr, "usage: %s [--mb N] [--pattern mixed|text|ints|random|zero|none] "
-					"[--seed S] [--socket PATH] [--ranges K] [--no-start]\n",
+					"[--data FILE] [--seed S] [--socket PATH] [--ranges K] [--no-start]\n",
 				argv[0]);
 			return 2;
 		}
@@ -338,6 +388,8 @@ int main(int argc, char **argv)
 			gen_page(region + i * PAGE, i);
 			expect[i] = fnv(region + i * PAGE, PAGE);
 		}
+		free(data_file); /* the region holds it now: only the region should count in RSS */
+		data_file = NULL;
 	}
 	if (start) {
 		uint64_t sid = 0;
@@ -386,6 +438,8 @@ int main(int argc, char **argv)
 		} else if (sscanf(line, "prefetch %lu %lu", &x, &y) == 2) {
 			int rc = pc ? predicomp_client_prefetch(pc, region + x * PAGE, y * PAGE) : -ENOTCONN;
 			printf("PREFETCH rc=%d\n", rc);
+		} else if (!strncmp(line, "pageout", 7)) {
+			cmd_pageout();
 		} else if (!strncmp(line, "stop", 4)) {
 			int rc = pc ? predicomp_client_stop(pc) : 0;
 			printf("STOP rc=%d\n", rc);

@@ -1,0 +1,490 @@
+"""memfs and zram side by side: the same data, the same target, one run.
+
+For each data set the two systems take turns on a fresh target process
+(native/build/memfs-target) holding the data:
+
+  zram   zram0 is swap (lz4); the target MADV_PAGEOUTs its region, then reads
+         it back in order, pages it out again and reads pages in random order.
+  memfs  the target is registered with a daemon started for the run; `evict`
+         is written to the session's ctl, then the same two read-backs; then
+         `evict` and `prefetch` (the prefetch throughput).
+
+Times of single touches are taken in the target (clock_gettime around each
+read), eviction and prefetch times around the operation (madvise in the
+target; the ctl write for memfs, which returns when the work is done).
+Memory saved is the target's RSS drop minus what holding the data costs:
+zram's mem_used_total, or the growth of the daemon's RSS.  Every target
+verifies all its pages at the end of each system's turn.
+
+The machine is put back afterwards: swapoff, zram reset, the daemon stopped
+and unmounted, every process killed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import realdata  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = ROOT / "native" / "build" / "memfs-target"
+ZRAM = Path("/sys/block/zram0")
+DATASETS = ("mixed", "text", "random", "real")
+PAGE = 4096
+TICK = os.sysconf("SC_CLK_TCK")
+STARTED = time.monotonic()
+
+
+class BenchError(Exception):
+    pass
+
+
+def progress(msg: str) -> None:
+    print(f"[{time.monotonic() - STARTED:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+# -- processes -----------------------------------------------------------------
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon, VmHWM... of a process, in bytes."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if len(parts) == 2 and parts[1] == "kB":
+                out[key] = int(parts[0]) * 1024
+    return out
+
+
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a whole process."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields_ = f.read().rsplit(")", 1)[1].split()
+    return (int(fields_[11]) + int(fields_[12])) / TICK
+
+
+class Target:
+    """A memfs-target process, driven line by line."""
+
+    def __init__(self, mb: int, dataset: str, socket: Path | None):
+        args = [str(TARGET), "--mb", str(mb)]
+        args += ["--data", str(realdata.image(mb))] if dataset == "real" else ["--pattern", dataset]
+        args += ["--socket", str(socket)] if socket else ["--no-start"]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        ready = self.proc.stdout.readline().split()
+        if not ready or ready[0] != "READY":
+            self.close()
+            raise BenchError(f"the target did not start: {' '.join(ready) or 'no answer'}")
+        self.info = dict(kv.split("=", 1) for kv in ready[1:])
+        self.pid = self.proc.pid
+
+    def cmd(self, line: str) -> dict[str, str]:
+        self.proc.stdin.write(line + "\n")
+        answer = self.proc.stdout.readline().split()
+        if not answer or answer[0] == "ERROR":
+            raise BenchError(f"target: {line}: {' '.join(answer) or 'no answer'}")
+        return dict(kv.split("=", 1) for kv in answer[1:] if "=" in kv)
+
+    def status(self) -> dict[str, int]:
+        return proc_status(self.pid)
+
+    def cpu(self) -> float:
+        return proc_cpu(self.pid)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("exit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+# -- the two systems -------------------------------------------------------------
+class Zram:
+    """zram0 as the only swap, lz4, for the length of the run."""
+
+    def __init__(self, disksize: int):
+        self.disksize = disksize
+        self.on = False
+
+    def __enter__(self):
+        if not ZRAM.exists():
+            raise BenchError("no zram0 device: load the zram module (modprobe zram) to compare with it")
+        with open("/proc/swaps") as f:
+            used = [line.split()[0] for line in f.readlines()[1:]]
+        if used:
+            raise BenchError(f"swap is in use ({', '.join(used)}): zram must be the only swap for a fair "
+                             "comparison; swapoff first")
+        if (ZRAM / "initstate").read_text().strip() != "0":
+            raise BenchError("zram0 is initialised by someone else; reset it first (echo 1 > /sys/block/zram0/reset)")
+        if "lz4" not in (ZRAM / "comp_algorithm").read_text().replace("[", " ").replace("]", " ").split():
+            raise BenchError("zram0 has no lz4 compressor")
+        (ZRAM / "comp_algorithm").write_text("lz4")
+        (ZRAM / "disksize").write_text(str(self.disksize))
+        subprocess.run(["mkswap", "/dev/zram0"], check=True, capture_output=True)
+        subprocess.run(["swapon", "-p", "32767", "/dev/zram0"], check=True)
+        self.on = True
+        return self
+
+    def mm_stat(self) -> dict[str, int]:
+        names = ("orig_data_size", "compr_data_size", "mem_used_total", "mem_limit", "mem_used_max",
+                 "same_pages", "pages_compacted", "huge_pages")
+        return dict(zip(names, map(int, (ZRAM / "mm_stat").read_text().split())))
+
+    def __exit__(self, *exc):
+        if self.on:
+            subprocess.run(["swapoff", "/dev/zram0"], check=False)
+        if ZRAM.exists():
+            try:
+                (ZRAM / "reset").write_text("1")
+            except OSError as e:
+                print(f"memfs bench: could not reset zram0: {e}", file=sys.stderr)
+
+
+class Memfs:
+    """A daemon with its filesystem in a private directory, for the length of the run."""
+
+    def __init__(self, settings: list[str]):
+        self.settings = settings
+
+    def __enter__(self):
+        self.work = Path(tempfile.mkdtemp(prefix="memfs-bench-"))
+        self.sock, self.mnt = self.work / "memfs.sock", self.work / "mnt"
+        self.log = open(self.work / "daemon.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "memfs", "serve", "--socket", str(self.sock),
+                                      "--mount", str(self.mnt), "--access-source", "none", "--policy", "off",
+                                      *self.settings],
+                                     env=dict(os.environ, MEMFS_NO_BOOTSTRAP="1"), stdout=self.log, stderr=self.log,
+                                     cwd=ROOT)
+        deadline = time.monotonic() + 30
+        while not (self.mnt / "version").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise BenchError(f"the daemon did not start: {(self.work / 'daemon.log').read_text()}")
+            time.sleep(0.05)
+        return self
+
+    def ctl(self, sid: str, verb: str) -> float:
+        """Write a verb to a session's ctl; the seconds it took."""
+        t0 = time.perf_counter()
+        with open(self.mnt / "sessions" / sid / "ctl", "w") as f:
+            f.write(verb + "\n")
+        return time.perf_counter() - t0
+
+    def stat(self, sid: str) -> dict[str, int]:
+        text = (self.mnt / "sessions" / sid / "stat").read_text()
+        return {k: int(v) for k, v in (line.split() for line in text.splitlines()) if v.lstrip("-").isdigit()}
+
+    def status(self) -> dict[str, int]:
+        return proc_status(self.proc.pid)
+
+    def cpu(self) -> float:
+        return proc_cpu(self.proc.pid)
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if os.path.ismount(self.mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False)
+        self.log.close()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+# -- one measurement ------------------------------------------------------------
+@dataclass
+class Result:
+    dataset: str
+    system: str
+    mb: int
+    evict_ms: float = 0.0
+    evict_mbps: float = 0.0
+    evict_cpu_ms: float = 0.0          # target + daemon (zram: the kernel works in the target)
+    seq_restore_ms: float = 0.0
+    seq_restore_gbps: float = 0.0
+    seq_us_per_page: float = 0.0
+    seq_cpu_ms: float = 0.0
+    rand_touches: int = 0
+    rand_p50_us: float = 0.0
+    rand_p99_us: float = 0.0
+    rand_p999_us: float = 0.0
+    prefetch_ms: float = 0.0
+    prefetch_gbps: float = 0.0
+    rss_before_kb: int = 0
+    rss_after_evict_kb: int = 0
+    rss_after_readback_kb: int = 0
+    vmhwm_kb: int = 0
+    holder_kb: int = 0                 # zram mem_used_total; memfs daemon RSS growth
+    saved_kb: int = 0                  # RSS drop minus holder_kb
+    compressed_bytes: int = 0
+    stored_bytes: int = 0              # zram mem_used_total, memfs store_bytes_used
+    ratio: float = 0.0                 # logical bytes / compressed bytes
+    pager_cpu_s: float = 0.0           # the daemon's CPU over its turn (zram: 0, it runs in the kernel)
+    verify_bad: int = -1
+    extra: dict = field(default_factory=dict, repr=False)
+
+
+def touch_us(answer: dict[str, str], key: str) -> float:
+    return int(answer[key]) / 1000
+
+
+def fill_touches(r: Result, seq: dict, rnd: dict, npages: int) -> None:
+    r.seq_restore_ms = int(seq["wall_ns"]) / 1e6
+    r.seq_restore_gbps = npages * PAGE / (int(seq["wall_ns"]) / 1e9) / 1e9
+    r.seq_us_per_page = int(seq["wall_ns"]) / 1000 / npages
+    r.rand_touches = int(rnd["n"])
+    r.rand_p50_us, r.rand_p99_us, r.rand_p999_us = (touch_us(rnd, k) for k in ("p50", "p99", "p999"))
+
+
+def run_zram(dataset: str, mb: int, nrand: int, zram: Zram) -> Result:
+    r = Result(dataset, "zram", mb)
+    t = Target(mb, dataset, None)
+    try:
+        npages = int(t.info["pages"])
+        before, z0 = t.status(), zram.mm_stat()
+        c0 = t.cpu()
+        out = t.cmd("pageout")
+        if out["rc"] != "0":
+            raise BenchError(f"MADV_PAGEOUT failed: {out['rc']}")
+        r.evict_cpu_ms = (t.cpu() - c0) * 1000
+        r.evict_ms = int(out["wall_ns"]) / 1e6
+        after, z1 = t.status(), zram.mm_stat()
+        c0 = t.cpu()
+        seq = t.cmd("touch seq")
+        r.seq_cpu_ms = (t.cpu() - c0) * 1000
+        readback = t.status()
+        t.cmd("pageout")
+        rnd = t.cmd(f"touch rand {nrand} 7")
+        fill_touches(r, seq, rnd, npages)
+        r.verify_bad = int(t.cmd("verify")["bad"])
+        r.vmhwm_kb = t.status()["VmHWM"] // 1024
+    finally:
+        t.close()
+    r.evict_mbps = mb * 1048576 / (r.evict_ms / 1000) / 1e6
+    r.rss_before_kb, r.rss_after_evict_kb = before["RssAnon"] // 1024, after["RssAnon"] // 1024
+    r.rss_after_readback_kb = readback["RssAnon"] // 1024
+    r.holder_kb = (z1["mem_used_total"] - z0["mem_used_total"]) // 1024
+    r.saved_kb = r.rss_before_kb - r.rss_after_evict_kb - r.holder_kb
+    r.compressed_bytes = z1["compr_data_size"] - z0["compr_data_size"]
+    r.stored_bytes = z1["mem_used_total"] - z0["mem_used_total"]
+    r.ratio = mb * 1048576 / max(1, r.compressed_bytes)
+    return r
+
+
+def run_memfs(dataset: str, mb: int, nrand: int, memfs: Memfs) -> Result:
+    r = Result(dataset, "memfs", mb)
+    d0, cpu0 = memfs.status(), memfs.cpu()
+    t = Target(mb, dataset, memfs.sock)
+    try:
+        sid, npages = t.info["session"], int(t.info["pages"])
+        before = t.status()
+        c0 = t.cpu() + memfs.cpu()
+        r.evict_ms = memfs.ctl(sid, "evict") * 1000
+        r.evict_cpu_ms = (t.cpu() + memfs.cpu() - c0) * 1000
+        after, d1, st = t.status(), memfs.status(), memfs.stat(sid)
+        c0 = t.cpu() + memfs.cpu()
+        seq = t.cmd("touch seq")
+        r.seq_cpu_ms = (t.cpu() + memfs.cpu() - c0) * 1000
+        readback = t.status()
+        memfs.ctl(sid, "evict")
+        rnd = t.cmd(f"touch rand {nrand} 7")
+        fill_touches(r, seq, rnd, npages)
+        memfs.ctl(sid, "evict")
+        r.prefetch_ms = memfs.ctl(sid, "prefetch") * 1000
+        r.prefetch_gbps = mb * 1048576 / (r.prefetch_ms / 1000) / 1e9
+        r.verify_bad = int(t.cmd("verify")["bad"])
+        r.vmhwm_kb = t.status()["VmHWM"] // 1024
+        r.extra = memfs.stat(sid)
+    finally:
+        t.close()
+    r.pager_cpu_s = memfs.cpu() - cpu0
+    r.evict_mbps = mb * 1048576 / (r.evict_ms / 1000) / 1e6
+    r.rss_before_kb, r.rss_after_evict_kb = before["RssAnon"] // 1024, after["RssAnon"] // 1024
+    r.rss_after_readback_kb = readback["RssAnon"] // 1024
+    r.holder_kb = max(0, d1["VmRSS"] - d0["VmRSS"]) // 1024
+    r.saved_kb = r.rss_before_kb - r.rss_after_evict_kb - r.holder_kb
+    r.compressed_bytes = st["store_bytes_compressed"]
+    r.stored_bytes = st["store_bytes_used"]
+    r.ratio = mb * 1048576 / max(1, r.compressed_bytes)
+    return r
+
+
+# -- goals ------------------------------------------------------------------------
+# (name, ratio as memfs/zram, the goal, True if higher is better)
+def goals(z: Result, m: Result) -> list[tuple[str, float, float, bool]]:
+    def q(a, b):
+        return a / b if b else float("inf")
+    return [
+        ("eviction throughput", q(m.evict_mbps, z.evict_mbps), 1.0, True),
+        ("sequential restore", q(m.seq_restore_gbps, z.seq_restore_gbps), 1.5, True),
+        ("random fault p50", q(m.rand_p50_us, z.rand_p50_us), 2.0, False),
+        ("random fault p99", q(m.rand_p99_us, z.rand_p99_us), 3.0, False),
+        ("net memory saved", q(m.saved_kb, z.saved_kb), 0.95, True),
+        ("store used / compressed", q(m.stored_bytes, m.compressed_bytes), 1.10, False),
+    ]
+
+
+def verdict(value: float, goal: float, higher: bool) -> str:
+    met = value >= goal if higher else value <= goal
+    if met:
+        return "met"
+    short = (goal / value if higher else value / goal) if value else float("inf")
+    return f"missed ({short:.2f}x off)"
+
+
+# -- reports ----------------------------------------------------------------------
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for k, r in enumerate(rows):
+        out.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+        if k == 0:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+def summary_tables(results: list[Result]) -> str:
+    head = ["data", "system", "evict MB/s", "seq restore GB/s", "us/page", "rand p50 us", "p99 us",
+            "p99.9 us", "prefetch GB/s", "saved MiB", "held MiB", "ratio", "pager CPU s", "verify"]
+    rows = [head]
+    for r in results:
+        rows.append([r.dataset, r.system, f"{r.evict_mbps:.0f}", f"{r.seq_restore_gbps:.2f}",
+                     f"{r.seq_us_per_page:.2f}", f"{r.rand_p50_us:.1f}", f"{r.rand_p99_us:.1f}",
+                     f"{r.rand_p999_us:.1f}", f"{r.prefetch_gbps:.2f}" if r.system == "memfs" else "-",
+                     f"{r.saved_kb / 1024:.0f}", f"{r.holder_kb / 1024:.0f}", f"{r.ratio:.2f}",
+                     f"{r.pager_cpu_s:.2f}", "ok" if r.verify_bad == 0 else f"{r.verify_bad} bad"])
+    out = ["### Per system\n", table(rows), ""]
+    grows = [["data", "memfs/zram", "ratio", "goal", "verdict"]]
+    for ds in dict.fromkeys(r.dataset for r in results):
+        z = next((r for r in results if r.dataset == ds and r.system == "zram"), None)
+        m = next((r for r in results if r.dataset == ds and r.system == "memfs"), None)
+        if not z or not m:
+            continue
+        for name, value, goal, higher in goals(z, m):
+            grows.append([ds, name, f"{value:.2f}", f"{'>=' if higher else '<='} {goal:g}",
+                          verdict(value, goal, higher)])
+        grows.append([ds, "prefetch (absolute, GB/s)", f"{m.prefetch_gbps:.2f}", ">= 2", verdict(m.prefetch_gbps, 2.0, True)])
+    out += ["### Ratios memfs/zram and goals\n", table(grows), ""]
+    mrows = [["data", "system", "VmRSS before KiB", "after evict KiB", "after readback KiB", "VmHWM KiB",
+              "evict wall ms", "evict CPU ms", "readback wall ms", "readback CPU ms"]]
+    for r in results:
+        mrows.append([r.dataset, r.system, str(r.rss_before_kb), str(r.rss_after_evict_kb),
+                      str(r.rss_after_readback_kb), str(r.vmhwm_kb), f"{r.evict_ms:.0f}", f"{r.evict_cpu_ms:.0f}",
+                      f"{r.seq_restore_ms:.0f}", f"{r.seq_cpu_ms:.0f}"])
+    out += ["### Process memory (the target's RssAnon; CPU of target and daemon together)\n", table(mrows), ""]
+    return "\n".join(out)
+
+
+def write_csv(results: list[Result], path: Path) -> None:
+    names = [f.name for f in fields(Result) if f.name != "extra"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(names)
+    for r in results:
+        w.writerow([getattr(r, n) if not isinstance(getattr(r, n), float) else f"{getattr(r, n):.4f}" for n in names])
+    path.write_text(buf.getvalue())
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    mem = proc_meminfo_gib()
+    return f"Linux {os.uname().release}, {os.cpu_count()} CPUs ({cpu}), {mem:.0f} GiB"
+
+
+def proc_meminfo_gib() -> float:
+    with open("/proc/meminfo") as f:
+        return int(f.readline().split()[1]) / 1048576
+
+
+# -- the run ------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="memfs bench", description=__doc__.split("\n")[0])
+    p.add_argument("--mb", type=int, help="MiB of data per data set (default 1024; 16 with --quick)")
+    p.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated, of {', '.join(DATASETS)}")
+    p.add_argument("--random-touches", type=int, help="pages read in random order (default npages/16)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 16 MiB per data set, under a minute")
+    p.add_argument("--out", type=Path, help="directory for results.csv (and BENCHMARKS.md unless --quick); "
+                   "default: bench/ for a full run, a temporary directory with --quick")
+    p.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="a daemon setting for the memfs side (as memfs serve --NAME VALUE), repeatable")
+    args = p.parse_args(argv)
+    mb = args.mb or (16 if args.quick else 1024)
+    datasets = [d for d in args.datasets.split(",") if d]
+    if bad := [d for d in datasets if d not in DATASETS]:
+        p.error(f"unknown data set(s): {', '.join(bad)}")
+    nrand = args.random_touches or max(256, mb * 256 // 16)
+    settings = []
+    for s in args.setting:
+        name, _, value = s.partition("=")
+        settings += ["--" + name.replace("_", "-"), value]
+    if not TARGET.exists():
+        print(f"memfs bench: {TARGET} is missing: build native/ first (make -C native)", file=sys.stderr)
+        return 1
+    out = args.out or (Path(tempfile.mkdtemp(prefix="memfs-bench-out-")) if args.quick else ROOT / "bench")
+    out.mkdir(parents=True, exist_ok=True)
+    command = "memfs bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    results: list[Result] = []
+    steps = len(datasets) * 2
+    try:
+        if "real" in datasets:
+            progress(f"capturing the real data set ({mb} MiB of a CPython heap) unless cached")
+            realdata.image(mb)
+        with Zram(mb * 1048576 * 2 + (64 << 20)) as zram, Memfs(settings) as memfs:
+            step = 0
+            for ds in datasets:
+                for system in ("zram", "memfs"):
+                    step += 1
+                    progress(f"[{step}/{steps}] {ds} {mb} MiB on {system}: fill, evict, read back in order "
+                             f"and {nrand} pages at random{', prefetch' if system == 'memfs' else ''}")
+                    r = run_zram(ds, mb, nrand, zram) if system == "zram" else run_memfs(ds, mb, nrand, memfs)
+                    progress(f"      evict {r.evict_mbps:.0f} MB/s, read back {r.seq_restore_gbps:.2f} GB/s, "
+                             f"random p50 {r.rand_p50_us:.1f} us, saved {r.saved_kb / 1024:.0f} MiB, "
+                             f"verify {'ok' if r.verify_bad == 0 else 'FAILED'}")
+                    results.append(r)
+    except BenchError as e:
+        print(f"memfs bench: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("memfs bench: interrupted; the machine is restored", file=sys.stderr)
+        return 130
+    report = summary_tables(results)
+    print("\n" + report)
+    write_csv(results, out / "results.csv")
+    if not args.quick:
+        (out / "BENCHMARKS.md").write_text(
+            "# memfs and zram, side by side\n\n"
+            "Generated by `bench/zram_vs_memfs.py`; do not edit by hand.\n\n"
+            f"- command: `{command.strip()}`\n- date: {time.strftime('%Y-%m-%d %H:%M %Z')}\n"
+            f"- machine: {machine()}\n- data: {mb} MiB per data set; random reads: {nrand} distinct pages\n"
+            f"- memfs daemon: `memfs serve --access-source none --policy off {' '.join(settings)}` (defaults otherwise)\n"
+            "- zram: zram0, lz4, the only swap; eviction is MADV_PAGEOUT of the region\n\n"
+            + report + "\nThe raw numbers are in `results.csv` next to this file. How each number is taken: "
+            "see the docstring of `bench/zram_vs_memfs.py` and memfs(8).\n")
+    print(f"\nmemfs bench: results in {out}", file=sys.stderr)
+    bad = [r for r in results if r.verify_bad != 0]
+    if bad:
+        print("memfs bench: DATA MISMATCH in " + ", ".join(f"{r.dataset}/{r.system}" for r in bad), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

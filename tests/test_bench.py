@@ -1,0 +1,55 @@
+"""`memfs bench --quick`: both systems run on every data set and every page verifies.
+
+A smoke test only: nothing here asserts a speed (the numbers live in
+bench/BENCHMARKS.md).  It also checks that the machine is put back."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ZRAM = Path("/sys/block/zram0")
+
+
+def swaps() -> list[str]:
+    return [line.split()[0] for line in Path("/proc/swaps").read_text().splitlines()[1:]]
+
+
+@pytest.mark.skipif(not ZRAM.exists(), reason="no zram0 on this machine")
+def test_quick_bench_runs_both_systems_and_restores_the_machine(tmp_path):
+    assert not swaps() and (ZRAM / "initstate").read_text().strip() == "0", "zram0 must start unused"
+    r = subprocess.run([sys.executable, "-m", "memfs", "bench", "--quick", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert {(row["dataset"], row["system"]) for row in rows} == {
+        (d, s) for d in ("mixed", "text", "random", "real") for s in ("zram", "memfs")}
+    for row in rows:
+        assert int(row["verify_bad"]) == 0, row
+        assert int(row["rss_after_evict_kb"]) < int(row["rss_before_kb"]) // 4, f"nothing was evicted: {row}"
+        assert float(row["seq_restore_gbps"]) > 0 and float(row["rand_p50_us"]) > 0
+    assert "Ratios memfs/zram" in r.stdout
+    assert not swaps(), "swap left on"
+    assert (ZRAM / "initstate").read_text().strip() == "0", "zram0 not reset"
+
+
+def test_bench_refuses_when_swap_is_in_use(tmp_path):
+    """Someone else's swap: the benchmark must not touch it and say why."""
+    if swaps():
+        pytest.skip("swap already in use on this machine")
+    img = tmp_path / "swapfile"
+    subprocess.run(["dd", "if=/dev/zero", f"of={img}", "bs=1M", "count=16"], check=True, capture_output=True)
+    img.chmod(0o600)
+    subprocess.run(["mkswap", str(img)], check=True, capture_output=True)
+    subprocess.run(["swapon", str(img)], check=True)
+    try:
+        r = subprocess.run([sys.executable, "-m", "memfs", "bench", "--quick", "--datasets", "mixed",
+                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and "swap is in use" in r.stderr
+        assert swaps() == [str(img)], "the benchmark touched someone else's swap"
+    finally:
+        subprocess.run(["swapoff", str(img)], check=False)
