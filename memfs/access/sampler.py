@@ -42,6 +42,7 @@ from . import AccessSource, HeatRegion
 
 MIN_REGIONS_PER_RANGE = 10  # as DAMON's default nr_regions min: small hot spots stay findable
 EWMA = 0.3  # weight of the newest window in freq
+MAX_SLOWDOWN = 32  # an idle session is sampled every 32 * sample_ms at the slowest
 
 
 class Region:
@@ -60,7 +61,7 @@ class Region:
 
 class Sampler(AccessSource):
     name = "sampler"
-    COUNTERS = ("sampler_cpu_ns", "sampler_regions", "access_windows")
+    COUNTERS = ("sampler_cpu_ns", "sampler_regions", "access_windows", "sampler_interval_ms")
 
     def __init__(self, session, config):
         super().__init__(session)
@@ -75,15 +76,17 @@ class Sampler(AccessSource):
                                         for f in range(0, info.npages, step)]
         self.cpu_ns = 0
         self.windows = 0
+        self.slowdown = 1  # the interval is sample_ms times this (see _pace)
+        self._faults_seen = 0
 
     # -- the loop -------------------------------------------------------------------
     async def run(self) -> None:
         window_start = time.monotonic()
         while True:
-            await trio.sleep(self.config.get("sample_ms") / 1000)
+            await trio.sleep(self.config.get("sample_ms") * self.slowdown / 1000)
             t0 = time.thread_time_ns()
             try:
-                self._collect()
+                self._pace(self._collect())
                 if time.monotonic() - window_start >= self.config.get("damon_read_ms") / 1000:
                     window_start = time.monotonic()
                     self._close_window()
@@ -100,13 +103,29 @@ class Sampler(AccessSource):
         i = bisect.bisect_right(regs, page, key=lambda r: r.first) - 1
         return regs[i] if i >= 0 and page < regs[i].first + regs[i].count else None
 
-    def _collect(self) -> None:
+    def _pace(self, used: int) -> None:
+        """An idle target costs the daemon a round trip per interval for nothing:
+        while no sample was used and no page faulted, the interval doubles (up to
+        MAX_SLOWDOWN times sample_ms); any use brings it back at once."""
+        c = self.session.native.counters()
+        faults = c["faults_missing"] + c["faults_wp"]
+        if used or faults != self._faults_seen:
+            self.slowdown = 1
+        else:
+            self.slowdown = min(MAX_SLOWDOWN, self.slowdown * 2)
+        self._faults_seen = faults
+
+    def _collect(self) -> int:
+        """Take the samples back; how many were found used."""
+        used_n = 0
         for r in (reg for regs in self.regions.values() for reg in regs):
             r.sampled = False
         for range_index, page, used in self.session.native.sample_collect():
             reg = self._region_of(range_index, page)
             if reg is not None and used:
                 reg.hits += 1
+                used_n += 1
+        return used_n
 
     def _prepare(self):
         """A page of each region not yet seen used in this window: the moves to ask for."""
@@ -175,7 +194,7 @@ class Sampler(AccessSource):
 
     def counters(self) -> dict[str, int]:
         return dict(zip(self.COUNTERS, (self.cpu_ns, sum(len(r) for r in self.regions.values()),
-                                        self.windows)))
+                                        self.windows, self.config.get("sample_ms") * self.slowdown)))
 
     async def close(self) -> None:
         """Every sampled page goes home (before the session gives its pages back)."""
