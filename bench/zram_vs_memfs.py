@@ -25,17 +25,18 @@ import argparse
 import csv
 import io
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import realdata  # noqa: E402
+
+from memfs.localdaemon import DaemonFailed, LocalDaemon  # noqa: E402
+from memfs.report import proc_status  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "native" / "build" / "memfs-target"
@@ -55,18 +56,6 @@ def progress(msg: str) -> None:
 
 
 # -- processes -----------------------------------------------------------------
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS, RssAnon, VmHWM... of a process, in bytes."""
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            parts = rest.split()
-            if len(parts) == 2 and parts[1] == "kB":
-                out[key] = int(parts[0]) * 1024
-    return out
-
-
 def proc_cpu(pid: int) -> float:
     """User + system CPU seconds of a whole process."""
     with open(f"/proc/{pid}/stat") as f:
@@ -155,58 +144,32 @@ class Zram:
                 print(f"memfs bench: could not reset zram0: {e}", file=sys.stderr)
 
 
-class Memfs:
-    """A daemon with its filesystem in a private directory, for the length of the run."""
+class Memfs(LocalDaemon):
+    """A daemon for the length of the run: no access source, no policy, so that
+    only the benchmark moves pages."""
 
     def __init__(self, settings: list[str]):
-        self.settings = settings
+        super().__init__("--access-source", "none", "--policy", "off", *settings,
+                         prefix="memfs-bench-", log_to_file=True)
 
     def __enter__(self):
-        self.work = Path(tempfile.mkdtemp(prefix="memfs-bench-"))
-        self.sock, self.mnt = self.work / "memfs.sock", self.work / "mnt"
-        self.log = open(self.work / "daemon.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "memfs", "serve", "--socket", str(self.sock),
-                                      "--mount", str(self.mnt), "--access-source", "none", "--policy", "off",
-                                      *self.settings],
-                                     env=dict(os.environ, MEMFS_NO_BOOTSTRAP="1"), stdout=self.log, stderr=self.log,
-                                     cwd=ROOT)
-        deadline = time.monotonic() + 30
-        while not (self.mnt / "version").exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.__exit__()
-                raise BenchError(f"the daemon did not start: {(self.work / 'daemon.log').read_text()}")
-            time.sleep(0.05)
-        return self
+        try:
+            return super().__enter__()
+        except DaemonFailed as e:
+            raise BenchError(str(e))
 
     def ctl(self, sid: str, verb: str) -> float:
-        """Write a verb to a session's ctl; the seconds it took."""
+        """Write a verb to a session's ctl; the seconds it took (the write returns when it is done)."""
         t0 = time.perf_counter()
         with open(self.mnt / "sessions" / sid / "ctl", "w") as f:
             f.write(verb + "\n")
         return time.perf_counter() - t0
 
-    def stat(self, sid: str) -> dict[str, int]:
-        text = (self.mnt / "sessions" / sid / "stat").read_text()
-        return {k: int(v) for k, v in (line.split() for line in text.splitlines()) if v.lstrip("-").isdigit()}
-
     def status(self) -> dict[str, int]:
-        return proc_status(self.proc.pid)
+        return proc_status(self.pid)
 
     def cpu(self) -> float:
-        return proc_cpu(self.proc.pid)
-
-    def __exit__(self, *exc):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if os.path.ismount(self.mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False)
-        self.log.close()
-        shutil.rmtree(self.work, ignore_errors=True)
+        return proc_cpu(self.pid)
 
 
 # -- one measurement ------------------------------------------------------------
@@ -239,7 +202,6 @@ class Result:
     ratio: float = 0.0                 # logical bytes / compressed bytes
     pager_cpu_s: float = 0.0           # the daemon's CPU over its turn (zram: 0, it runs in the kernel)
     verify_bad: int = -1
-    extra: dict = field(default_factory=dict, repr=False)
 
 
 def touch_us(answer: dict[str, str], key: str) -> float:
@@ -299,7 +261,7 @@ def run_memfs(dataset: str, mb: int, nrand: int, memfs: Memfs) -> Result:
         c0 = t.cpu() + memfs.cpu()
         r.evict_ms = memfs.ctl(sid, "evict") * 1000
         r.evict_cpu_ms = (t.cpu() + memfs.cpu() - c0) * 1000
-        after, d1, st = t.status(), memfs.status(), memfs.stat(sid)
+        after, d1, st = t.status(), memfs.status(), memfs.session_stat(sid)
         c0 = t.cpu() + memfs.cpu()
         seq = t.cmd("touch seq")
         r.seq_cpu_ms = (t.cpu() + memfs.cpu() - c0) * 1000
@@ -312,7 +274,6 @@ def run_memfs(dataset: str, mb: int, nrand: int, memfs: Memfs) -> Result:
         r.prefetch_gbps = mb * 1048576 / (r.prefetch_ms / 1000) / 1e9
         r.verify_bad = int(t.cmd("verify")["bad"])
         r.vmhwm_kb = t.status()["VmHWM"] // 1024
-        r.extra = memfs.stat(sid)
     finally:
         t.close()
     r.pager_cpu_s = memfs.cpu() - cpu0
@@ -394,7 +355,7 @@ def summary_tables(results: list[Result]) -> str:
 
 
 def write_csv(results: list[Result], path: Path) -> None:
-    names = [f.name for f in fields(Result) if f.name != "extra"]
+    names = [f.name for f in fields(Result)]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(names)
@@ -415,6 +376,23 @@ def proc_meminfo_gib() -> float:
 
 
 # -- the run ------------------------------------------------------------------------
+def idle_cpu_pct(sessions: int, seconds: float, settle: float, settings: list[str]) -> float:
+    """CPU of a daemon with its default access source and policy, serving `sessions`
+    targets (16 MiB of mixed data each) that do nothing, in percent of one core."""
+    with LocalDaemon(*settings, prefix="memfs-bench-idle-", log_to_file=True) as d:
+        targets = []
+        try:
+            for _ in range(sessions):
+                targets.append(Target(16, "mixed", d.sock))
+            time.sleep(settle)  # the policy compresses what it will, the sampler slows down
+            c0 = proc_cpu(d.pid)
+            time.sleep(seconds)
+            return (proc_cpu(d.pid) - c0) / seconds * 100
+        finally:
+            for t in targets:
+                t.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="memfs bench", description=__doc__.split("\n")[0])
     p.add_argument("--mb", type=int, help="MiB of data per data set (default 1024; 16 with --quick)")
@@ -423,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a smoke run: 16 MiB per data set, under a minute")
     p.add_argument("--out", type=Path, help="directory for results.csv (and BENCHMARKS.md unless --quick); "
                    "default: bench/ for a full run, a temporary directory with --quick")
+    p.add_argument("--idle-sessions", type=int, default=16,
+                   help="idle targets for the idle-CPU measurement (default 16; 0 skips it)")
     p.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
                    help="a daemon setting for the memfs side (as memfs serve --NAME VALUE), repeatable")
     args = p.parse_args(argv)
@@ -459,6 +439,13 @@ def main(argv: list[str] | None = None) -> int:
                              f"random p50 {r.rand_p50_us:.1f} us, saved {r.saved_kb / 1024:.0f} MiB, "
                              f"verify {'ok' if r.verify_bad == 0 else 'FAILED'}")
                     results.append(r)
+        idle = None
+        if args.idle_sessions:
+            settle, seconds = (2, 3) if args.quick else (20, 30)
+            progress(f"[idle] a daemon with its defaults and {args.idle_sessions} idle sessions: "
+                     f"{settle} s to settle, then its CPU over {seconds} s")
+            idle = idle_cpu_pct(args.idle_sessions, seconds, settle, settings)
+            progress(f"      {idle:.2f}% of a core")
     except BenchError as e:
         print(f"memfs bench: {e}", file=sys.stderr)
         return 1
@@ -466,6 +453,11 @@ def main(argv: list[str] | None = None) -> int:
         print("memfs bench: interrupted; the machine is restored", file=sys.stderr)
         return 130
     report = summary_tables(results)
+    if idle is not None:
+        report += ("\n### Idle\n\n" + table([
+            ["measurement", "value", "goal", "verdict"],
+            [f"daemon CPU, {args.idle_sessions} idle sessions (default settings: sampler, policy compress)",
+             f"{idle:.2f}% of a core", "< 1%", verdict(idle, 1.0, False)]]) + "\n")
     print("\n" + report)
     write_csv(results, out / "results.csv")
     if not args.quick:

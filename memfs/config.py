@@ -18,24 +18,15 @@ from .selection import parse_size
 MAX = None  # "max": unlimited
 
 
-def _int_range(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            v = int(text, 10)
-        except ValueError:
-            raise ValueError(f"not an integer: {text!r}")
-        if not lo <= v <= hi:
-            raise ValueError(f"{v} is outside {lo}..{hi}")
-        return v
-    return parse
+def _number_range(kind: type, lo, hi) -> Callable[[str], object]:
+    """A parser of numbers of `kind` (int: decimal only) between lo and hi."""
+    what = "an integer" if kind is int else "a number"
 
-
-def _float_range(lo: float, hi: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
+    def parse(text: str):
         try:
-            v = float(text)
+            v = int(text, 10) if kind is int else kind(text)
         except ValueError:
-            raise ValueError(f"not a number: {text!r}")
+            raise ValueError(f"not {what}: {text!r}")
         if not lo <= v <= hi:
             raise ValueError(f"{v} is outside {lo}..{hi}")
         return v
@@ -77,16 +68,16 @@ class Setting:
 
 
 SETTINGS = {s.name: s for s in [
-    Setting("cold_age_ms", 30_000, _int_range(1, 86_400_000),
+    Setting("cold_age_ms", 30_000, _number_range(int, 1, 86_400_000),
             "a page idle this long is cold", per_session=True),
-    Setting("damon_read_ms", 1000, _int_range(10, 60_000),
+    Setting("damon_read_ms", 1000, _number_range(int, 10, 60_000),
             "how often the access source is read: its aggregation window, and the policy's round"),
     Setting("access_source", "auto", _choice("auto", "sampler", "none"),
             "where evidence of use comes from for new sessions: auto (DAMON if it can be used, "
             "else the sampler), sampler, or none (the pager's faults only)"),
-    Setting("sample_ms", 100, _int_range(1, 10_000),
+    Setting("sample_ms", 100, _number_range(int, 1, 10_000),
             "how often the access source samples a page of each region"),
-    Setting("max_regions", 200, _int_range(4, 10_000),
+    Setting("max_regions", 200, _number_range(int, 4, 10_000),
             "most regions the access source tracks per session"),
     Setting("soft_cap_bytes", MAX, _bytes_or_max,
             "resident registered memory a session may keep before its coldest pages are evicted",
@@ -95,26 +86,26 @@ SETTINGS = {s.name: s for s in [
             "memory the compressed store may use; compressing stops there"),
     Setting("codec", "lz4", _choice(*core.CODECS),
             "compressor for new copies: lz4, lz4hc (smaller, slower), lz4fast", native="codec"),
-    Setting("min_savings_pct", 12, _int_range(0, 99),
+    Setting("min_savings_pct", 12, _number_range(int, 0, 99),
             "a page must shrink by this much to count as compressible (else it is kept raw)",
             native="min_savings_pct"),
-    Setting("spin_us", 0, _int_range(0, 10_000),
+    Setting("spin_us", 0, _number_range(int, 0, 10_000),
             "the fault thread keeps polling this long after a fault before it sleeps",
             native="spin_us"),
-    Setting("faultaround_pages", 16, _int_range(1, 512),
+    Setting("faultaround_pages", 16, _number_range(int, 1, 512),
             "zero pages mapped around a first touch of untouched memory", native="faultaround_pages"),
-    Setting("readahead_max_pages", 64, _int_range(0, 256),
+    Setting("readahead_max_pages", 64, _number_range(int, 0, 256),
             "most pages restored after a sequential fault (0: off)", native="readahead_max_pages"),
-    Setting("follow_fault_cpu", 1, _int_range(0, 1),
+    Setting("follow_fault_cpu", 1, _number_range(int, 0, 1),
             "1: each session's fault thread moves to the CPU where the faulting thread runs",
             native="follow_fault_cpu"),
     Setting("policy", "compress", _choice("off", "compress", "evict"),
             "what the daemon does by itself with cold pages: nothing, give them compressed copies, "
             "or evict them (above the soft cap the coldest are evicted unless off)", per_session=True),
-    Setting("promotion_target_pct", 0.2, _float_range(0.0, 100.0),
+    Setting("promotion_target_pct", 0.2, _number_range(float, 0.0, 100.0),
             "promotions (faults that restore an evicted page) per minute, in percent of the working "
             "set, above which the policy backs off", per_session=True),
-    Setting("degraded_fault_rate", 2000, _int_range(1, 10_000_000),
+    Setting("degraded_fault_rate", 2000, _number_range(int, 1, 10_000_000),
             "faults per second above which a session is marked degraded", per_session=True),
 ]}
 

@@ -9,14 +9,11 @@ is stopped and unmounted at the end, whatever happens.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
+
+from .localdaemon import LocalDaemon, DaemonFailed
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "native" / "build" / "memfs-target"
@@ -43,28 +40,26 @@ def mib(n: int) -> str:
 
 
 def run(mb: int, pattern: str, keep: bool) -> int:
-    work = Path(tempfile.mkdtemp(prefix="memfs-demo-"))
-    sock, mnt = work / "memfs.sock", work / "mnt"
-    procs: list[subprocess.Popen] = []
+    step("start the daemon and mount its filesystem")
     try:
-        step("start the daemon and mount its filesystem")
-        print(f"$ memfs serve --socket {sock} --mount {mnt} &", flush=True)
-        daemon = subprocess.Popen([sys.executable, "-m", "memfs", "serve", "--socket", str(sock),
-                                   "--mount", str(mnt)], env=dict(os.environ, MEMFS_NO_BOOTSTRAP="1"))
-        procs.append(daemon)
-        deadline = time.time() + 30
-        while not (mnt / "version").exists():
-            if daemon.poll() is not None or time.time() > deadline:
-                print("memfs demo: the daemon did not start", file=sys.stderr)
-                return 1
-            time.sleep(0.05)
+        with LocalDaemon(prefix="memfs-demo-") as daemon:
+            print(f"$ {' '.join(daemon.command)} &", flush=True)
+            return tour(daemon, mb, pattern, keep)
+    except DaemonFailed as e:
+        print(f"memfs demo: {e}", file=sys.stderr)
+        return 1
+
+
+def tour(daemon: LocalDaemon, mb: int, pattern: str, keep: bool) -> int:
+    sock, mnt = daemon.sock, daemon.mnt
+    target = None
+    try:
         shell("cat version", mnt)
 
         step(f"start a target: {mb} MiB of '{pattern}' data, registered with the daemon")
         print(f"$ {TARGET} --mb {mb} --pattern {pattern} --socket {sock} &", flush=True)
         target = subprocess.Popen([str(TARGET), "--mb", str(mb), "--pattern", pattern, "--socket", str(sock)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-        procs.append(target)
         ready = target.stdout.readline().split()
         if not ready or ready[0] != "READY":
             print(f"memfs demo: the target did not start: {' '.join(ready)}", file=sys.stderr)
@@ -73,7 +68,7 @@ def run(mb: int, pattern: str, keep: bool) -> int:
         sdir = mnt / "sessions" / info["session"]
         shell("ls sessions by-pid; cat sessions/*/comm sessions/*/mode", mnt)
         show = f"grep -E '^({'|'.join(KEYS)}) ' stat"
-        before = stat(sdir)
+        before = daemon.session_stat(info["session"])
         shell(show, sdir)
 
         step("compress: every page gets a compressed copy; the target keeps its memory")
@@ -83,7 +78,7 @@ def run(mb: int, pattern: str, keep: bool) -> int:
 
         step("evict: the pages leave the target; their copies stay in the store")
         shell("time echo evict > ctl", sdir)
-        evicted = stat(sdir)
+        evicted = daemon.session_stat(info["session"])
         shell(show, sdir)
         shell("grep -E '^(store_bytes_used|store_bytes_compressed|sessions_active) ' ../../stat", sdir)
 
@@ -114,21 +109,9 @@ def run(mb: int, pattern: str, keep: bool) -> int:
         shell("ls sessions; grep -E '^(sessions_total|evict_ok|restore_ok) ' stat", mnt)
         if keep:
             print(f"\nmemfs demo: daemon still running, mounted at {mnt}; stop it with: kill {daemon.pid}")
-            procs.remove(daemon)
+            daemon.keep()
         return 0
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-        if not keep:
-            if os.path.ismount(mnt):
-                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
-            shutil.rmtree(work, ignore_errors=True)
-
-
-def stat(sdir: Path) -> dict[str, int]:
-    return {k: int(v) for k, v in (line.split() for line in (sdir / "stat").read_text().splitlines())}
+        if target is not None and target.poll() is None:
+            target.kill()
+            target.wait()

@@ -23,15 +23,23 @@ def latency(hist: list[int]) -> dict[str, int]:
     return {f"fault_latency_ns_{name}": core.percentile_ns(hist, q) for name, q in PERCENTILES}
 
 
-def rss_anon_bytes(pid: int) -> int:
+def proc_status(pid: int) -> dict[str, int]:
+    """The sizes in /proc/<pid>/status (VmRSS, RssAnon, VmHWM...), in bytes; {} if it is gone."""
+    out = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if len(parts) == 2 and parts[1] == "kB":
+                    out[key] = int(parts[0]) * 1024
     except OSError:
         pass
-    return 0
+    return out
+
+
+def rss_anon_bytes(pid: int) -> int:
+    return proc_status(pid).get("RssAnon", 0)
 
 
 def range_stat(info: core.RangeInfo) -> dict[str, int]:

@@ -84,5 +84,19 @@ def read_pages(path: Path) -> list[tuple[int, str, int, int]]:
     return out
 
 
+PAGES_PER_MB = 256
+EVICTED = ("compressed", "zero")
+
+
+def page_states(d, sid, r: int = 0) -> list[str]:
+    """The state of every page of a session's range, from its `pages` file."""
+    return [state for _, state, _, _ in read_pages(d.session_dir(sid) / "ranges" / str(r) / "pages")]
+
+
+def evicted_share(states: list[str], pages) -> float:
+    """The part of `pages` (indexes) that is out of the target."""
+    return sum(states[i] in EVICTED for i in pages) / len(pages)
+
+
 def flat(path: Path) -> dict[str, str]:
     return dict(line.split(None, 1) for line in path.read_text().splitlines() if line.strip())

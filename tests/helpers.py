@@ -18,12 +18,14 @@ PY_TARGET = Path(__file__).resolve().parent / "targets" / "pytarget.py"
 PAGE = 4096
 
 
-def rss_anon_kb(pid: int) -> int:
+def proc_status_kb(pid: int, key: str) -> int:
+    """A size from /proc/<pid>/status (RssAnon, VmHWM...), in KiB: read here, as the
+    ground truth the daemon's numbers are checked against."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("RssAnon:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1])
-    raise LookupError("RssAnon")
+    raise LookupError(key)
 
 
 def pages_present(pid: int, addr: int, npages: int) -> list[bool]:
@@ -83,7 +85,7 @@ class Target:
         return int(r["ok"]), int(r["bad"])
 
     def rss_kb(self) -> int:
-        return rss_anon_kb(self.pid)
+        return proc_status_kb(self.pid, "RssAnon")
 
     def present(self) -> list[bool]:
         return pages_present(self.pid, self.addr, self.npages)

@@ -13,8 +13,8 @@ import textwrap
 import pytest
 import trio
 
-from fsutil import NOBODY, OTHER_UID, flat, is_mounted, read_pages, sh
-from helpers import C_TARGET, PAGE, ROOT, c_target, pages_present, wait_for
+from fsutil import NOBODY, OTHER_UID, flat, is_mounted, page_states, sh
+from helpers import C_TARGET, PAGE, ROOT, c_target, pages_present, proc_status_kb, wait_for
 
 from memfs import PROTOCOL_VERSION, __version__
 
@@ -32,10 +32,6 @@ async def write(path, text, user=None):
         if msg in err:
             return e
     raise AssertionError(f"unexpected shell error for {text!r} > {path}: {err}")
-
-
-def states(d, sid, r=0):
-    return [state for _, state, _, _ in read_pages(d.session_dir(sid) / "ranges" / str(r) / "pages")]
 
 
 async def test_tree_follows_sessions(fsd, targets):
@@ -72,7 +68,7 @@ async def test_verbs_change_exactly_the_pages_named(fsd, targets):
     r = s / "ranges" / "0"
 
     assert await write(r / "ctl", "evict pages=10-19") == 0
-    st = states(d, t.session_id)
+    st = page_states(d, t.session_id)
     assert all(st[i] in ("compressed", "zero") for i in range(10, 20))
     assert all(x == "resident" for i, x in enumerate(st) if not 10 <= i < 20)
     present = t.present()
@@ -80,12 +76,12 @@ async def test_verbs_change_exactly_the_pages_named(fsd, targets):
 
     lo, hi = t.addr + 100 * PAGE, t.addr + 108 * PAGE
     assert await write(s / "ctl", f"compress addr=0x{lo:x}-0x{hi:x}") == 0
-    st = states(d, t.session_id)
+    st = page_states(d, t.session_id)
     assert {st[i] for i in range(100, 108)} == {"clean", "resident"}  # random pages stay resident
     assert [i for i, x in enumerate(st) if x == "clean"] == [i for i in range(100, 108) if i % 4 != 3]
 
     assert await write(r / "ctl", "prefetch pages=10-14") == 0
-    st = states(d, t.session_id)
+    st = page_states(d, t.session_id)
     assert all(st[i] in ("clean", "resident") for i in range(10, 15))
     assert all(st[i] in ("compressed", "zero") for i in range(15, 20))
 
@@ -97,7 +93,7 @@ async def test_verbs_change_exactly_the_pages_named(fsd, targets):
     await trio.sleep(0.05)
     n_evict = 800
     assert await write(s / "ctl", f"evict bytes={n_evict * PAGE}") == 0
-    st = states(d, t.session_id)
+    st = page_states(d, t.session_id)
     out = [i for i, x in enumerate(st) if x in ("compressed", "zero")]
     assert len(out) == n_evict + 5  # and 15-19 evicted before
     assert not set(young) & set(out), "recently written pages go last"
@@ -110,11 +106,11 @@ async def test_cold_selector_and_live_config(fsd, targets):
     s = d.session_dir(t.session_id)
     await trio.sleep(0.3)
     assert await write(s / "ctl", "evict cold") == 0
-    assert "compressed" not in states(d, t.session_id), "nothing is 100 s old yet"
+    assert "compressed" not in page_states(d, t.session_id), "nothing is 100 s old yet"
     assert await write(d.mnt / "config" / "cold_age_ms", "200") == 0
     assert (s / "config" / "cold_age_ms").read_text() == "200\n"
     assert await write(s / "ctl", "evict cold") == 0
-    assert states(d, t.session_id).count("resident") == 0
+    assert page_states(d, t.session_id).count("resident") == 0
     # a per-session override, then back to the daemon's value
     assert await write(s / "config" / "cold_age_ms", "999999") == 0
     assert (s / "config" / "cold_age_ms").read_text() == "999999\n"
@@ -133,15 +129,15 @@ async def test_data_is_the_targets_memory_in_every_state(fsd, targets):
     assert await write(r / "ctl", "compress pages=0-99") == 0
     assert await write(r / "ctl", "evict pages=200-399") == 0
     assert await write(r / "ctl", "prefetch pages=300-309") == 0
-    assert {"resident", "clean", "compressed", "zero"} <= set(states(d, t.session_id))
-    before_states = states(d, t.session_id)
+    assert {"resident", "clean", "compressed", "zero"} <= set(page_states(d, t.session_id))
+    before_states = page_states(d, t.session_id)
     before_faults = flat(s / "stat")["faults_missing"]
     before_present = t.present()
 
     data = (r / "data").read_bytes()
 
     assert data == truth
-    assert states(d, t.session_id) == before_states, "reading data changes no page"
+    assert page_states(d, t.session_id) == before_states, "reading data changes no page"
     assert flat(s / "stat")["faults_missing"] == before_faults, "reading data faults nothing in"
     assert t.present() == before_present
     rc, out, _ = await sh(f"dd if={r}/data bs=4096 skip=201 count=1 status=none | cmp - <(dd if={r}/data bs=1 skip={201 * PAGE} count=4096 status=none) && echo same")
@@ -168,7 +164,7 @@ async def test_errors_reach_the_shell(fsd, targets):
     # several commands in one write, or a write past offset 0: refused, nothing done
     rc, _, err = await sh(f"printf 'evict\\nevict\\n' | dd of={s}/ctl bs=64 status=none")
     assert "Invalid argument" in err
-    assert "compressed" not in states(d, t.session_id)
+    assert "compressed" not in page_states(d, t.session_id)
     rc, _, err = await sh(f"exec 3>{s}/ctl; printf 'evict' | dd of={s}/ctl bs=1 seek=3 conv=notrunc status=none")
     assert rc != 0 and "Invalid argument" in err
     # evict in wp-only mode
@@ -283,7 +279,7 @@ async def test_pages_of_a_huge_range_streams(fsd, targets):
     s = d.session_dir(t.session_id)
 
     def hwm_kb():
-        return int(re.search(r"VmHWM:\s+(\d+)", open(f"/proc/{d.proc.pid}/status").read()).group(1))
+        return proc_status_kb(d.proc.pid, "VmHWM")
 
     before = hwm_kb()
     rc, out, _ = await sh(f"wc -l < {s}/ranges/0/pages; awk 'NR==1048576 {{print $1, $2}}' {s}/ranges/0/pages")
@@ -315,7 +311,7 @@ async def test_man_page_example_script(fsd, targets, tmp_path):
         evicted = sum(int(st[f"pages_{k}"]) for k in ("compressed", "zero"))
         assert evicted == 64 * 256, "the coldest 64 MiB of each matching session"
         assert f"{t.pid} memfs-target: saved" in out
-    assert "compressed" not in states(d, other.session_id), "other programs are left alone"
+    assert "compressed" not in page_states(d, other.session_id), "other programs are left alone"
 
 
 async def test_sigterm_unmounts_and_a_stale_mount_is_cleaned(fsd, targets, tmp_path):
@@ -356,7 +352,7 @@ async def test_each_verb_with_each_selector(fsd, targets, verb):
             await t.command(f"write {i} {i % 200 + 1}")
         if verb == "prefetch":  # something to prefetch: everything evicted, ages kept
             assert await write(s / "ctl", "evict") == 0
-        before = states(d, t.session_id)
+        before = page_states(d, t.session_id)
         arg = {"all": "all", "cold": "cold", "pages": "pages=10-29",
                "addr": f"addr=0x{t.addr + 40 * PAGE + 100:x}-0x{t.addr + 50 * PAGE:x}",
                "bytes": f"bytes={64 * PAGE}"}[sel]
@@ -365,7 +361,7 @@ async def test_each_verb_with_each_selector(fsd, targets, verb):
 
         assert await write(s / "ctl", f"{verb} {arg}") == 0
 
-        after = states(d, t.session_id)
+        after = page_states(d, t.session_id)
         changed = {i for i in range(n) if after[i] != before[i]}
         present = t.present()
         if sel == "bytes":

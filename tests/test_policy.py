@@ -10,22 +10,12 @@ import time
 import pytest
 import trio
 
-from fsutil import flat, read_pages, sh
+from fsutil import PAGES_PER_MB as MB, evicted_share, flat, page_states, sh
 from helpers import c_target, wait_for
 
 from memfs import core, selection
 
-MB = 256  # pages per MiB
-EVICTED = ("compressed", "zero")
 SAMPLER = ("--access-source", "sampler", "--sample-ms", "50", "--damon-read-ms", "500")
-
-
-def page_states(d, sid):
-    return [st for _, st, _, _ in read_pages(d.session_dir(sid) / "ranges" / "0" / "pages")]
-
-
-def evicted_share(states, pages) -> float:
-    return sum(states[i] in EVICTED for i in pages) / len(pages)
 
 
 async def test_sampler_and_policy_evict_the_cold_part_only(fsd, targets):

@@ -78,6 +78,7 @@ class Sampler(AccessSource):
         self.windows = 0
         self.slowdown = 1  # the interval is sample_ms times this (see _pace)
         self._faults_seen = 0
+        self._window_used = 0  # samples found used in the current window
 
     # -- the loop -------------------------------------------------------------------
     async def run(self) -> None:
@@ -86,9 +87,13 @@ class Sampler(AccessSource):
             await trio.sleep(self.config.get("sample_ms") * self.slowdown / 1000)
             t0 = time.thread_time_ns()
             try:
-                self._pace(self._collect())
+                used = self._collect()
+                self._window_used += used
+                if used:
+                    self.slowdown = 1
                 if time.monotonic() - window_start >= self.config.get("damon_read_ms") / 1000:
                     window_start = time.monotonic()
+                    self._pace()
                     self._close_window()
                 moves, zap = self._prepare()
             finally:
@@ -103,17 +108,21 @@ class Sampler(AccessSource):
         i = bisect.bisect_right(regs, page, key=lambda r: r.first) - 1
         return regs[i] if i >= 0 and page < regs[i].first + regs[i].count else None
 
-    def _pace(self, used: int) -> None:
-        """An idle target costs the daemon a round trip per interval for nothing:
-        while no sample was used and no page faulted, the interval doubles (up to
-        MAX_SLOWDOWN times sample_ms); any use brings it back at once."""
+    def _pace(self) -> None:
+        """At the end of a window.  An idle target costs a round trip to its agent
+        per interval for nothing: after a whole window in which no sample was used
+        and no page faulted, the interval doubles (up to MAX_SLOWDOWN times
+        sample_ms); any use brings it back at once.  Judged per window, not per
+        interval, because a region that showed use is not sampled again in the
+        same window: the intervals after it see no use from a hot target too."""
         c = self.session.native.counters()
         faults = c["faults_missing"] + c["faults_wp"]
-        if used or faults != self._faults_seen:
+        if self._window_used or faults != self._faults_seen:
             self.slowdown = 1
         else:
             self.slowdown = min(MAX_SLOWDOWN, self.slowdown * 2)
         self._faults_seen = faults
+        self._window_used = 0
 
     def _collect(self) -> int:
         """Take the samples back; how many were found used."""

@@ -41,6 +41,7 @@ struct fault_ctx {
 	uint64_t run_delay;  /* our schedstat run-queue delay when last looked */
 	uint64_t backoff_until;
 	bool idle;           /* running SCHED_IDLE (following faulting threads) */
+	cpu_set_t cpus;      /* the affinity we started with */
 	struct retry retry[RETRY_CAP];
 	unsigned nretry;
 };
@@ -136,6 +137,7 @@ static int serve_fault(struct fault_ctx *fc, uint64_t fault_addr, uint64_t flags
 	uint64_t addr = fault_addr & ~(uint64_t)(PAGE - 1), idx;
 	bool held = false;
 	uint16_t kind = 0;
+	uint64_t served_ns = 0;
 	struct range *r;
 	struct page *p;
 	int rc = 0;
@@ -193,6 +195,9 @@ static int serve_fault(struct fault_ctx *fc, uint64_t fault_addr, uint64_t flags
 			if (!rc) {
 				s->c.promotions++;
 				p->flags &= (uint8_t)~MC_PF_HELD; /* the copy woke any held writer */
+				/* the faulting thread runs again now: its latency ends here, not
+				 * after the read-ahead that follows */
+				served_ns = now_ns() - t0;
 				read_ahead(s, r, idx, fc->scratch); /* zero pages too: they are part of a sweep */
 			}
 			break;
@@ -223,7 +228,7 @@ static int serve_fault(struct fault_ctx *fc, uint64_t fault_addr, uint64_t flags
 		rc = 0;
 	}
 	if (rc != -EAGAIN && !held) {
-		uint64_t ns = now_ns() - t0;
+		uint64_t ns = served_ns ? served_ns : now_ns() - t0;
 		hist_add(s, ns);
 		if (kind)
 			trace_add(s, kind, r->index, idx, 1, ns, tid);
@@ -409,13 +414,8 @@ static void set_idle_policy(struct fault_ctx *fc, bool idle)
 	if (sched_setscheduler(0, idle ? SCHED_IDLE : SCHED_OTHER, &sp))
 		return;
 	fc->idle = idle;
-	if (!idle) { /* any CPU again */
-		cpu_set_t all;
-		CPU_ZERO(&all);
-		for (int c = 0; c < CPU_SETSIZE && c < 1024; c++)
-			CPU_SET(c, &all);
-		sched_setaffinity(0, sizeof all, &all);
-	}
+	if (!idle) /* the CPUs the daemon was given, again */
+		sched_setaffinity(0, sizeof fc->cpus, &fc->cpus);
 }
 
 static void follow_faulting_cpu(struct fault_ctx *fc)
@@ -467,6 +467,7 @@ void *fault_main(void *arg)
 		return NULL;
 	}
 	fc->s = s;
+	sched_getaffinity(0, sizeof fc->cpus, &fc->cpus);
 	if (tun.follow_fault_cpu)
 		set_idle_policy(fc, true);
 	while (!atomic_load(&s->stopping)) {

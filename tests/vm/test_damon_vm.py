@@ -8,20 +8,11 @@ from pathlib import Path
 
 import trio
 
-from fsutil import flat, read_pages
+from fsutil import PAGES_PER_MB as MB, evicted_share, flat, page_states
 from helpers import c_target, wait_for
 
-MB = 256
 KD = Path("/sys/kernel/mm/damon/admin/kdamonds")
 DAMON = ("--access-source", "auto", "--sample-ms", "20", "--damon-read-ms", "1000")
-
-
-def states(d, sid):
-    return [st for _, st, _, _ in read_pages(d.session_dir(sid) / "ranges" / "0" / "pages")]
-
-
-def evicted_share(st, pages) -> float:
-    return sum(st[i] in ("compressed", "zero") for i in pages) / len(pages)
 
 
 def nr_kdamonds() -> int:
@@ -42,9 +33,9 @@ async def test_damon_finds_the_cold_part_and_the_policy_evicts_it(fsd, targets):
     assert nr_kdamonds() == 1 and (KD / "0" / "state").read_text().strip() == "on"
     pid_target = int((KD / "0" / "contexts" / "0" / "targets" / "0" / "pid_target").read_text())
     assert pid_target == t.pid
-    await wait_for(lambda: evicted_share(states(d, t.session_id), cold) >= 0.9, timeout=240, interval=1)
+    await wait_for(lambda: evicted_share(page_states(d, t.session_id), cold) >= 0.9, timeout=240, interval=1)
     await trio.sleep(5)
-    st = states(d, t.session_id)
+    st = page_states(d, t.session_id)
     stat = flat(s / "stat")
     assert evicted_share(st, cold) >= 0.9
     assert evicted_share(st, hot) <= 0.05, f"{evicted_share(st, hot):.1%} of the hot part evicted"
