@@ -273,6 +273,28 @@ async def test_without_allow_other_only_root_gets_in(fsd, public_tmp):
     assert rc != 0 and "Permission denied" in err, "the kernel keeps others out of a FUSE mount"
 
 
+async def test_a_line_of_pages_split_between_reads_stays_whole(fsd, targets):
+    """`pages` is made per read; a line cut by one read and finished by the next
+    must show one state of its page even if the page changed in between."""
+    d = await fsd()
+    t = await targets(c_target(d.sock, 1, "--pattern", "text"))  # 256 pages, all resident
+    s = d.session_dir(t.session_id)
+    fd = os.open(s / "ranges" / "0" / "pages", os.O_RDONLY)
+    try:
+        head = os.read(fd, 10)  # direct_io: exactly this read reaches the daemon
+        assert head == b"  0 reside"
+        assert await write(s / "ctl", "evict") == 0
+        rest = b""
+        while chunk := os.read(fd, 7):  # cut every line somewhere
+            rest += chunk
+    finally:
+        os.close(fd)
+    lines = (head + rest).decode().splitlines()
+    assert len(lines) == t.npages and all(len(line.split()) == 4 for line in lines), lines[:3]
+    assert lines[0].split()[1] == "resident", "the first line keeps the state it started with"
+    assert {line.split()[1] for line in lines[1:]} == {"compressed"}, "later lines are read afresh"
+
+
 async def test_pages_of_a_huge_range_streams(fsd, targets):
     d = await fsd()
     t = await targets(c_target(d.sock, 4096, "--pattern", "none"))  # 4 GiB, never touched

@@ -39,6 +39,7 @@ class Handle:
         self.cursor = 0
         self.pending = b""
         self.started = False
+        self.partial: tuple[int, bytes] | None = None  # pages: (offset, line) a read ended inside
 
 
 class FileKind:
@@ -190,7 +191,14 @@ class Pages(FileKind):
         text = "".join(f"{first + i:>{width}} {SHOWN_STATES[info[i].state]:<10} {info[i].csize:>4} {info[i].age_ms:>10}\n"
                        for i in range(count)).encode()
         start = off - first * line
-        return text[start:start + size]
+        # A line split between two reads must not mix two states of its page:
+        # the rest of it comes from the text the first read was cut from.
+        if h.partial and h.partial[0] == first * line and start:
+            text = h.partial[1] + text[line:]
+        out = text[start:start + size]
+        end = off + len(out)
+        h.partial = (end - end % line, text[(end // line - first) * line:][:line]) if end % line else None
+        return out
 
 
 class Data(FileKind):
