@@ -292,7 +292,7 @@ def run_memfs(dataset: str, mb: int, nrand: int, memfs: Memfs) -> Result:
 # (name, ratio as memfs/zram, the goal, True if higher is better)
 def goals(z: Result, m: Result) -> list[tuple[str, float, float, bool]]:
     def q(a, b):
-        return a / b if b else float("inf")
+        return a / b if b > 0 else float("nan")  # no ratio to a zero (or negative) yardstick
     return [
         ("eviction throughput", q(m.evict_mbps, z.evict_mbps), 1.0, True),
         ("sequential restore", q(m.seq_restore_gbps, z.seq_restore_gbps), 1.5, True),
@@ -304,6 +304,8 @@ def goals(z: Result, m: Result) -> list[tuple[str, float, float, bool]]:
 
 
 def verdict(value: float, goal: float, higher: bool) -> str:
+    if value != value:
+        return "n/a (zram's figure is 0)"
     met = value >= goal if higher else value <= goal
     if met:
         return "met"
