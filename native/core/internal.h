@@ -137,6 +137,15 @@ int copy_pages(struct mc_session *s, uint64_t dst, const void *src, uint64_t len
 int zero_pages(struct mc_session *s, uint64_t dst, uint64_t len, int64_t *done);
 int pagemap_present(struct mc_session *s, uint64_t addr, uint64_t npages, uint8_t *present);
 
+/*
+ * A run of zero pages at least this long is mapped to the shared zero page
+ * (one UFFDIO_ZEROPAGE, no memory); a shorter one is copied as zeros along
+ * with its neighbours.  Data sets that interleave zero pages with others
+ * would otherwise cost an ioctl per page, and an ioctl costs more than
+ * clearing and copying a page.
+ */
+#define ZERO_RUN_MIN 8
+
 /* restore.c: used by the fault thread and operations; caller holds s->lock */
 int restore_page(struct mc_session *s, struct range *r, uint64_t idx, bool writable,
 		 uint8_t *scratch);

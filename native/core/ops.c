@@ -416,73 +416,101 @@ static void restored_batch(struct mc_session *s, struct range *r, uint64_t first
 /*
  * Prefetch a batch in three steps: pin the blobs (locked), decode them
  * unlocked -- so that two threads decode at once and faults are served
- * meanwhile -- then copy in the pages nothing changed (locked).  A page
- * restored by a fault in between is skipped; if that fault dropped the
- * copy (a write), drop_copy() left the pinned blob to us to free.
+ * meanwhile -- then copy in the pages nothing changed (locked), in as few
+ * UFFDIO_COPYs as the batch allows: same-filled pages and short runs of
+ * zero pages are filled in with the rest (long zero runs are left to
+ * restore_run, which maps the zero page).  A page restored by a fault in
+ * between is skipped; if that fault dropped the copy (a write), drop_copy()
+ * left the pinned blob to us to free.
  */
 static void prefetch_batch(struct mc_session *s, struct range *r, uint64_t first, uint64_t n,
 			   uint8_t *scratch, struct mc_op_result *res)
 {
 	uint64_t copy[PBATCH];
 	uint16_t csize[PBATCH];
-	bool decoded[PBATCH], was_out[PBATCH];
+	uint8_t state[PBATCH];
+	bool pinned[PBATCH], filled[PBATCH], ready[PBATCH], was_out[PBATCH];
 
 	pthread_mutex_lock(&s->lock);
 	for (uint64_t k = 0; k < n; k++) {
 		struct page *p = &r->pages[first + k];
+		state[k] = p->state;
 		was_out[k] = p->state == MC_COMPRESSED || p->state == MC_ZERO;
-		decoded[k] = false;
-		copy[k] = 0;
+		pinned[k] = filled[k] = ready[k] = false;
+		copy[k] = p->copy;
+		csize[k] = p->csize;
 		res->pages_seen++;
-		if (p->state == MC_COMPRESSED && p->copy && !(p->flags & (MC_PF_SAME | MC_PF_PINNED))) {
+		if (!was_out[k])
+			continue;
+		if (p->flags & MC_PF_SAME) {
+			filled[k] = true; /* zero or same-filled: the word is all there is */
+		} else if (p->copy && !(p->flags & MC_PF_PINNED)) {
 			p->flags |= MC_PF_PINNED;
-			copy[k] = p->copy;
-			csize[k] = p->csize;
+			pinned[k] = true;
 		}
+	}
+	for (uint64_t k = 0; k < n;) { /* long zero runs: the zero page, not a copy */
+		uint64_t j = k;
+		while (j < n && state[j] == MC_ZERO)
+			j++;
+		if (j - k >= ZERO_RUN_MIN)
+			for (uint64_t z = k; z < j; z++)
+				filled[z] = false;
+		k = j > k ? j : k + 1;
 	}
 	pthread_mutex_unlock(&s->lock);
 
 	for (uint64_t k = 0; k < n; k++) {
-		if (!copy[k])
-			continue;
-		if (csize[k] == PAGE) {
-			memcpy(scratch + k * PAGE, store_ptr(copy[k]), PAGE);
-			decoded[k] = true;
-		} else {
-			decoded[k] = codec_decompress(store_ptr(copy[k]), csize[k], scratch + k * PAGE) == 0;
+		uint8_t *dst = scratch + k * PAGE;
+		if (filled[k]) {
+			fill_page(dst, copy[k]);
+			ready[k] = true;
+		} else if (pinned[k] && csize[k] == PAGE) {
+			memcpy(dst, store_ptr(copy[k]), PAGE);
+			ready[k] = true;
+		} else if (pinned[k]) {
+			ready[k] = codec_decompress(store_ptr(copy[k]), csize[k], dst) == 0;
 		}
 	}
 
 	pthread_mutex_lock(&s->lock);
 	for (uint64_t k = 0; k < n; k++) {
 		struct page *p = &r->pages[first + k];
-		if (!copy[k])
-			continue;
-		if (p->flags & MC_PF_PINNED) {
-			p->flags &= (uint8_t)~MC_PF_PINNED;
-		} else { /* the copy was dropped meanwhile: its blob is ours to free */
-			store_free(copy[k], csize[k]);
-			decoded[k] = false;
+		if (pinned[k]) {
+			if (p->flags & MC_PF_PINNED) {
+				p->flags &= (uint8_t)~MC_PF_PINNED;
+			} else { /* the copy was dropped meanwhile: its blob is ours to free */
+				store_free(copy[k], csize[k]);
+				ready[k] = false;
+			}
 		}
+		/* only what is still evicted with the same copy goes in */
+		if (ready[k] && (p->state != state[k] || p->copy != copy[k]))
+			ready[k] = false;
 	}
 	for (uint64_t i = 0; i < n;) {
 		uint64_t j = i;
-		if (r->pages[first + i].state == MC_COMPRESSED && decoded[i]) {
+		if (ready[i]) {
 			int64_t done = 0;
 			uint64_t got;
-			while (j < n && r->pages[first + j].state == MC_COMPRESSED && decoded[j])
+			while (j < n && ready[j])
 				j++;
 			copy_pages(s, r->start + ((first + i) << PAGE_SHIFT), scratch + i * PAGE,
 				   (j - i) << PAGE_SHIFT, true, &done);
 			got = (uint64_t)done >> PAGE_SHIFT;
-			for (uint64_t k = i; k < i + got; k++)
-				set_state(r, &r->pages[first + k], MC_CLEAN);
-			s->c.restore_ok += got;
+			for (uint64_t k = i; k < i + got; k++) {
+				struct page *q = &r->pages[first + k];
+				if (q->state == MC_ZERO)
+					s->c.zero_fill++;
+				else
+					s->c.restore_ok++;
+				set_state(r, q, MC_CLEAN);
+			}
 			/* stopped early (the page is there already, or the mm changed): skip it */
 			i = got < j - i ? i + got + 1 : j;
 		} else {
-			/* zero and same-filled pages, and any whose copy did not decode: as usual */
-			while (j < n && !(r->pages[first + j].state == MC_COMPRESSED && decoded[j]))
+			/* long zero runs, and any copy that did not decode: as usual */
+			while (j < n && !ready[j])
 				j++;
 			restore_run(s, r, first + i, j - i, false, scratch + i * PAGE);
 			i = j;

@@ -83,10 +83,18 @@ int restore_page(struct mc_session *s, struct range *r, uint64_t idx, bool writa
 	return 0;
 }
 
+static uint64_t zero_run(const struct range *r, uint64_t first, uint64_t i, uint64_t count)
+{
+	uint64_t j = i;
+	while (j < count && r->pages[first + j].state == MC_ZERO)
+		j++;
+	return j - i;
+}
+
 /*
- * Restore the evicted pages among [first, first+count): copies in runs,
- * one UFFDIO_COPY per run of compressed pages, one UFFDIO_ZEROPAGE per
- * run of zero pages.  `scratch` holds count pages.  Returns pages restored.
+ * Restore the evicted pages among [first, first+count): one UFFDIO_COPY per
+ * run of evicted pages, one UFFDIO_ZEROPAGE per long run of zero pages.
+ * `scratch` holds count pages.  Returns pages restored.
  */
 uint64_t restore_run(struct mc_session *s, struct range *r, uint64_t first, uint64_t count,
 		     bool final, uint8_t *scratch)
@@ -97,18 +105,27 @@ uint64_t restore_run(struct mc_session *s, struct range *r, uint64_t first, uint
 		uint64_t j = i, addr = r->start + ((first + i) << PAGE_SHIFT);
 		int64_t done;
 
-		if (p->state == MC_ZERO) {
-			while (j < count && r->pages[first + j].state == MC_ZERO)
-				j++;
+		if (p->state == MC_ZERO && zero_run(r, first, i, count) >= ZERO_RUN_MIN) {
+			j = i + zero_run(r, first, i, count);
 			zero_pages(s, addr, (j - i) << PAGE_SHIFT, &done);
 			for (uint64_t k = i; k < i + ((uint64_t)done >> PAGE_SHIFT); k++) {
 				drop_copy(s, r, &r->pages[first + k]);
 				set_state(r, &r->pages[first + k], MC_RESIDENT);
 			}
 			s->c.zero_fill += (uint64_t)done >> PAGE_SHIFT;
-		} else if (p->state == MC_COMPRESSED) {
-			while (j < count && r->pages[first + j].state == MC_COMPRESSED) {
-				if (page_bytes(&r->pages[first + j], scratch + ((j - i) << PAGE_SHIFT)))
+		} else if (p->state == MC_COMPRESSED || p->state == MC_ZERO) {
+			while (j < count) {
+				struct page *q = &r->pages[first + j];
+				if (q->state == MC_ZERO) {
+					uint64_t z = zero_run(r, first, j, count);
+					if (z >= ZERO_RUN_MIN)
+						break;
+					memset(scratch + ((j - i) << PAGE_SHIFT), 0, z << PAGE_SHIFT);
+					j += z;
+					continue;
+				}
+				if (q->state != MC_COMPRESSED ||
+				    page_bytes(q, scratch + ((j - i) << PAGE_SHIFT)))
 					break;
 				j++;
 			}
@@ -120,6 +137,11 @@ uint64_t restore_run(struct mc_session *s, struct range *r, uint64_t first, uint
 			copy_pages(s, addr, scratch, (j - i) << PAGE_SHIFT, !final, &done);
 			for (uint64_t k = i; k < i + ((uint64_t)done >> PAGE_SHIFT); k++) {
 				struct page *q = &r->pages[first + k];
+				/* a zero page keeps its fill word (0) as its copy: clean, like the rest */
+				if (q->state == MC_ZERO)
+					s->c.zero_fill++;
+				else
+					s->c.restore_ok++;
 				if (final) {
 					drop_copy(s, r, q);
 					set_state(r, q, MC_RESIDENT);
@@ -127,7 +149,6 @@ uint64_t restore_run(struct mc_session *s, struct range *r, uint64_t first, uint
 					set_state(r, q, MC_CLEAN);
 				}
 			}
-			s->c.restore_ok += (uint64_t)done >> PAGE_SHIFT;
 		} else {
 			i++;
 			continue;
