@@ -12,6 +12,8 @@ import errno
 from dataclasses import dataclass
 from typing import Callable
 
+import trio
+
 from . import core
 from .selection import parse_size
 
@@ -110,10 +112,25 @@ SETTINGS = {s.name: s for s in [
 ]}
 
 
-class Config:
+class _Changes:
+    """Wakes whoever waits for a setting to change (the policy, when idle)."""
+
+    def __init__(self):
+        self._changed = trio.Event()
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+
+class Config(_Changes):
     """Current values; `set` validates, keeps the old value on error, pushes native ones."""
 
     def __init__(self, **overrides):
+        super().__init__()
         self.values = {name: s.default for name, s in SETTINGS.items()}
         for name, value in overrides.items():
             if value is not None:
@@ -137,6 +154,7 @@ class Config:
         self.values[name] = value
         if s.native or name == "store_cap_bytes":
             self._apply_native()
+        self.changed()
 
     def _apply_native(self) -> None:
         t = {s.native: (core.CODECS[self.values[n]] if n == "codec" else self.values[n])
@@ -146,10 +164,11 @@ class Config:
         core.set_tunables(**t)
 
 
-class SessionConfig:
+class SessionConfig(_Changes):
     """A session's overrides of the per-session settings; the rest is inherited."""
 
     def __init__(self, parent: Config):
+        super().__init__()
         self.parent = parent
         self.overrides: dict[str, object] = {}
 
@@ -165,8 +184,18 @@ class SessionConfig:
             raise OSError(errno.ENOENT, f"no per-session setting {name}")
         if text.strip() == "inherit":
             self.overrides.pop(name, None)
-            return
-        try:
-            self.overrides[name] = s.parse(text.strip())
-        except ValueError as e:
-            raise OSError(errno.EINVAL, f"{name}: {e}")
+        else:
+            try:
+                self.overrides[name] = s.parse(text.strip())
+            except ValueError as e:
+                raise OSError(errno.EINVAL, f"{name}: {e}")
+        self.changed()
+
+    async def wait_changed(self) -> None:
+        """Until one of this session's settings, or the daemon's, changes."""
+        async with trio.open_nursery() as nursery:
+            async def either(wait):
+                await wait()
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(either, super().wait_changed)
+            nursery.start_soon(either, self.parent.wait_changed)

@@ -241,6 +241,13 @@ class NativeSession:
         return {k: getattr(c, k) for k in COUNTER_NAMES}
 
     @_guarded
+    def restore_failures(self) -> int:
+        """counters()["restore_fail"] alone: the daemon looks at it four times a second."""
+        c = ffi.new("struct mc_counters *")
+        lib.mc_session_counters(self._s, c)
+        return c.restore_fail
+
+    @_guarded
     def histogram(self) -> list[int]:
         h = ffi.new("uint64_t[]", HIST_BUCKETS)
         lib.mc_session_hist(self._s, h)
@@ -349,15 +356,18 @@ class NativeSession:
     # -- inspection ------------------------------------------------------------
     @_guarded
     def select(self, range_index: int | None, states: int, min_age_ms: int = 0,
-               max_pages: int = 0, order: int = 0) -> tuple[list[Run], int]:
+               max_pages: int = 0, order: int = 0, skip_incompressible: bool = False) -> tuple[list[Run], int]:
         """Runs of pages in `states` (a STATE_BITS mask) idle >= min_age_ms; with
-        max_pages, order > 0 takes the oldest first, < 0 the youngest first."""
+        max_pages, order > 0 takes the oldest first, < 0 the youngest first.
+        skip_incompressible leaves out pages whose last compression did not pay
+        (they are tried again once written)."""
         cap = 4096
         while True:
             out = ffi.new("struct mc_run[]", cap)
             npages = ffi.new("uint64_t *")
             n = check(lib.mc_select(self._s, -1 if range_index is None else range_index, states,
-                                    min_age_ms, max_pages, order, out, cap,
+                                    min_age_ms, lib.MC_PF_INCOMPRESSIBLE if skip_incompressible else 0,
+                                    max_pages, order, out, cap,
                                     npages), "select")
             if n < cap:
                 return [(out[i].range, out[i].first, out[i].count) for i in range(n)], npages[0]

@@ -112,7 +112,10 @@ class Daemon:
         while True:
             await trio.sleep(WATCH_SECONDS)
             for sid, s in list(self.sessions.items()):
-                fails = s.counters().get("restore_fail", 0)
+                if s.native is None or s.state == "ended":
+                    fails = s.final_counters.get("restore_fail", 0)
+                else:
+                    fails = s.native.restore_failures()
                 if fails > seen.get(sid, 0):
                     s.events.bump("restore_fail", fails - seen.get(sid, 0))
                     self.events.bump("restore_fail", fails - seen.get(sid, 0))

@@ -19,6 +19,13 @@ Every `damon_read_ms`, per session:
 
 Settings are read each round from the session's config (overrides, then
 the daemon's), so changes apply without a restart.
+
+A round that finds nothing the policy could ever act on without the target
+doing something first (no fault since the last round, no page that could
+become cold, under the cap, not degraded) makes the policy idle: it then
+waits for the session's next fault or operation, or a settings change, and
+looks again at least every MAX_IDLE_ROUNDS periods.  Sixteen idle sessions
+would otherwise cost the daemon a round per second each, for nothing.
 """
 from __future__ import annotations
 
@@ -32,12 +39,13 @@ from .core import PAGE_SIZE, STATE_BITS
 log = logging.getLogger("memfs.policy")
 
 MAX_BACKOFF = 64
+MAX_IDLE_ROUNDS = 60
 PRESENT = STATE_BITS["resident"] | STATE_BITS["clean"]
 
 
 class Policy:
     COUNTERS = ("policy_rounds", "policy_compress_pages", "policy_evict_pages", "cold_page_marks",
-                "policy_backoffs", "policy_cold_age_ms", "promotion_rate_ppm")
+                "policy_backoffs", "policy_cold_age_ms", "promotion_rate_ppm", "policy_idle_waits")
 
     def __init__(self, session):
         self.session = session
@@ -48,6 +56,8 @@ class Policy:
         self.backoffs = 0
         self.rounds = 0
         self.promotion_rate_ppm = 0  # parts per million of the working set per minute
+        self.idle = False  # the last round found nothing to do until the target acts
+        self.idle_waits = 0
         self._last: tuple[float, int, int] | None = None
 
     def cold_age_ms(self) -> int:
@@ -55,7 +65,12 @@ class Policy:
 
     async def run(self) -> None:
         while True:
-            await trio.sleep(self.session.config.get("damon_read_ms") / 1000)
+            period = self.session.config.get("damon_read_ms") / 1000
+            if self.idle:
+                self.idle_waits += 1
+                await self.session.wait_for_change(period * MAX_IDLE_ROUNDS)
+            else:
+                await trio.sleep(period)
             try:
                 await self.step()
             except OSError as e:
@@ -67,6 +82,8 @@ class Policy:
         now = time.monotonic()
         resident = sum(r.pages_in["resident"] + r.pages_in["clean"] for r in s.native.ranges())
         faults = c["faults_missing"] + c["faults_wp"]
+        quiet = self._last is not None and faults == self._last[2]
+        self.idle = False
         if self._last is not None:
             dt = max(1e-3, now - self._last[0])
             promotions = c["promotions"] - self._last[1]
@@ -88,11 +105,15 @@ class Policy:
         self.rounds += 1
 
         mode = cfg.get("policy")
-        if mode == "off":
-            return
         pager = s.pager
         cap = cfg.get("soft_cap_bytes")
-        if cap is not None and resident * PAGE_SIZE > cap and pager.source.can_free:
+        over_cap = cap is not None and resident * PAGE_SIZE > cap and pager.source.can_free
+        if quiet and not over_cap and not s.events.counts.get("degraded") and not self._could_act(mode):
+            self.idle = True
+            return
+        if mode == "off":
+            return
+        if over_cap:
             excess = -(-(resident * PAGE_SIZE - cap) // PAGE_SIZE)
             runs, _ = s.native.select(None, PRESENT, max_pages=excess, order=1)
             self.evicted += (await pager.evict(runs)).done
@@ -104,11 +125,23 @@ class Policy:
             if runs:
                 self.evicted += (await pager.evict(runs)).done
         else:
-            runs, n = s.native.select(None, STATE_BITS["resident"], min_age_ms=age)
+            # pages that did not compress last time are left alone until written:
+            # offering them every round would cost an idle session CPU for nothing
+            runs, n = s.native.select(None, STATE_BITS["resident"], min_age_ms=age, skip_incompressible=True)
             self.cold_marks += n
             if runs:
                 self.compressed += (await pager.compress(runs)).done
 
+    def _could_act(self, mode: str) -> bool:
+        """Is there a page this policy could act on once it is old enough?"""
+        s = self.session
+        if mode == "evict" and s.pager.source.can_free:
+            return s.native.select(None, PRESENT, max_pages=1)[1] > 0
+        if mode == "compress":
+            return s.native.select(None, STATE_BITS["resident"], max_pages=1, skip_incompressible=True)[1] > 0
+        return False
+
     def counters(self) -> dict[str, int]:
         return dict(zip(self.COUNTERS, (self.rounds, self.compressed, self.evicted, self.cold_marks,
-                                        self.backoffs, self.cold_age_ms(), self.promotion_rate_ppm)))
+                                        self.backoffs, self.cold_age_ms(), self.promotion_rate_ppm,
+                                        self.idle_waits)))

@@ -450,7 +450,9 @@ class Session:
         self.daemon.events.bump(verb)
 
     async def wait_activity(self) -> None:
-        """Return after the fault thread or an operation did something (trace events)."""
+        """Return after the fault thread or an operation did something (a fault or a trace
+        event).  An event between a caller's last look and this call is not seen: callers
+        that must not miss one wait with a timeout and look again."""
         if self.state == "ended" or self._nursery is None:
             return
         self._activity_waiters += 1
@@ -462,6 +464,20 @@ class Session:
         finally:
             self._activity_waiters -= 1
 
+    async def wait_for_change(self, timeout: float) -> None:
+        """Until the session faults or runs an operation, one of its settings
+        changes, or `timeout` seconds: how idle loops (policy, sampler) wait."""
+        if self.state not in ("running", "stopping"):
+            await trio.sleep(timeout)  # no activity to relay: a plain wait, never a busy loop
+            return
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                async def until(wait):
+                    await wait()
+                    nursery.cancel_scope.cancel()
+                nursery.start_soon(until, self.wait_activity)
+                nursery.start_soon(until, self.config.wait_changed)
+
     async def _watch_activity(self) -> None:
         """While someone waits, relay the native core's notifications (an eventfd).
 
@@ -471,14 +487,14 @@ class Session:
         try:
             while self._activity_waiters and self.state in ("running", "stopping"):
                 self.native.arm_notify()
-                with trio.move_on_after(1):
+                with trio.move_on_after(10):  # to look at the loop's condition again
                     await trio.lowlevel.wait_readable(fd)
                     try:
                         os.read(fd, 8)
                     except BlockingIOError:
                         pass
-                ev, self._activity = self._activity, trio.Event()
-                ev.set()
+                    ev, self._activity = self._activity, trio.Event()
+                    ev.set()
         finally:
             self._activity_watched = False
             trio.lowlevel.notify_closing(fd)  # the fd closes with the native session

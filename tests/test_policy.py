@@ -86,6 +86,31 @@ async def test_changing_cold_age_takes_effect_at_once(fsd, targets):
     assert evicted_share(page_states(d, t.session_id), range(t.npages)) == 0
 
 
+async def test_an_idle_session_costs_no_rounds_until_its_target_acts(fsd, targets):
+    """Once everything compressible is compressed and nothing faults, the policy and
+    the sampler stop working; the target's first write brings both back."""
+    d = await fsd("--access-source", "sampler", "--sample-ms", "10", "--damon-read-ms", "100",
+                  "--policy", "compress", "--cold-age-ms", "200")
+    t = await targets(c_target(d.sock, 8))  # mixed: a quarter does not compress, and is left alone
+    s = d.session_dir(t.session_id)
+    await wait_for(lambda: int(flat(s / "stat")["policy_idle_waits"]) >= 1
+                   and int(flat(s / "stat")["sampler_parked"]) >= 1, timeout=30, interval=0.1)
+    before = flat(s / "stat")
+    await trio.sleep(2)  # twenty periods
+    idle = flat(s / "stat")
+    assert int(idle["policy_rounds"]) - int(before["policy_rounds"]) <= 1, "an idle policy does not go round"
+    assert int(idle["access_windows"]) - int(before["access_windows"]) <= 1, "a parked sampler does not sample"
+    assert int(idle["compress_attempts"]) == int(before["compress_attempts"]), \
+        "pages that did not compress are not offered again"
+
+    await t.command("write 1 170")  # page 1 holds text: clean until this write
+    await wait_for(lambda: int(flat(s / "stat")["policy_rounds"]) > int(idle["policy_rounds"]) + 2,
+                   timeout=10, interval=0.1)
+    await wait_for(lambda: int(flat(s / "stat")["policy_compress_pages"]) > int(idle["policy_compress_pages"]),
+                   timeout=10, interval=0.1)  # the written page, once cold again
+    assert await t.verify() == (t.npages, 0)
+
+
 async def test_promotions_make_the_policy_back_off_and_degraded_is_signalled(fsd, targets):
     """Pages that are evicted as cold and then used again: promotions above the
     target rate double the cold age; a fault storm marks the session degraded."""

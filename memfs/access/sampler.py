@@ -43,6 +43,7 @@ from . import AccessSource, HeatRegion
 MIN_REGIONS_PER_RANGE = 10  # as DAMON's default nr_regions min: small hot spots stay findable
 EWMA = 0.3  # weight of the newest window in freq
 MAX_SLOWDOWN = 32  # an idle session is sampled every 32 * sample_ms at the slowest
+PARKED_WINDOWS = 60  # then its samples stay out, waiting for a fault, this many windows at most
 
 
 class Region:
@@ -61,7 +62,7 @@ class Region:
 
 class Sampler(AccessSource):
     name = "sampler"
-    COUNTERS = ("sampler_cpu_ns", "sampler_regions", "access_windows", "sampler_interval_ms")
+    COUNTERS = ("sampler_cpu_ns", "sampler_regions", "access_windows", "sampler_interval_ms", "sampler_parked")
 
     def __init__(self, session, config):
         super().__init__(session)
@@ -77,6 +78,7 @@ class Sampler(AccessSource):
         self.cpu_ns = 0
         self.windows = 0
         self.slowdown = 1  # the interval is sample_ms times this (see _pace)
+        self.parked = 0  # times it waited for a fault instead of sampling
         self._faults_seen = 0
         self._window_used = 0  # samples found used in the current window
 
@@ -84,7 +86,14 @@ class Sampler(AccessSource):
     async def run(self) -> None:
         window_start = time.monotonic()
         while True:
-            await trio.sleep(self.config.get("sample_ms") * self.slowdown / 1000)
+            if self.slowdown >= MAX_SLOWDOWN:
+                # idle through a whole window at the slowest pace: the pages out now
+                # are enough to notice use, since using one faults
+                self.parked += 1
+                await self.session.wait_for_change(self.config.get("damon_read_ms") * PARKED_WINDOWS / 1000)
+                self.slowdown = MAX_SLOWDOWN // 2  # the next window decides again
+            else:
+                await trio.sleep(self.config.get("sample_ms") * self.slowdown / 1000)
             t0 = time.thread_time_ns()
             try:
                 used = self._collect()
@@ -203,7 +212,8 @@ class Sampler(AccessSource):
 
     def counters(self) -> dict[str, int]:
         return dict(zip(self.COUNTERS, (self.cpu_ns, sum(len(r) for r in self.regions.values()),
-                                        self.windows, self.config.get("sample_ms") * self.slowdown)))
+                                        self.windows, self.config.get("sample_ms") * self.slowdown,
+                                        self.parked)))
 
     async def close(self) -> None:
         """Every sampled page goes home (before the session gives its pages back)."""

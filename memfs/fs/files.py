@@ -245,7 +245,8 @@ class Trace(FileKind):
                       for _, ts, kind, r, p, n, lat, tid in events]
             h.pending = "".join(lines).encode()
             if not h.pending:
-                await s.wait_activity()
+                with trio.move_on_after(1):  # an event just before the wait is found next time
+                    await s.wait_activity()
         out, h.pending = h.pending[:size], h.pending[size:]
         return out
 

@@ -350,18 +350,24 @@ static void retry_faults(struct fault_ctx *fc)
 static bool drain(struct fault_ctx *fc, struct uffd_msg *msgs, int *err)
 {
 	struct mc_session *s = fc->s;
+	bool faulted = false;
 	ssize_t n;
 	pthread_mutex_lock(&s->lock);
 	n = read(s->uffd, msgs, MSG_BATCH * sizeof *msgs);
 	if (n > 0) {
 		uint64_t t0 = now_ns();
-		for (ssize_t i = 0; i < n / (ssize_t)sizeof *msgs; i++)
+		for (ssize_t i = 0; i < n / (ssize_t)sizeof *msgs; i++) {
 			handle_msg(fc, &msgs[i], t0);
+			faulted |= msgs[i].event == UFFD_EVENT_PAGEFAULT;
+		}
 	}
 	*err = n < 0 ? errno : 0;
 	if (fc->nretry)
 		retry_faults(fc);
 	pthread_mutex_unlock(&s->lock);
+	if (faulted) /* the target did something: ends an idle policy's or sampler's wait (the
+		      * staging area's zaps, REMOVE events of our own making, must not) */
+		notify(s);
 	return n > 0;
 }
 

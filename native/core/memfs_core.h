@@ -231,7 +231,7 @@ int mc_note_access(struct mc_session *s, const struct mc_run *runs, size_t nruns
 
 /* inspection */
 int64_t mc_select(struct mc_session *s, int32_t range, uint32_t state_mask, uint32_t min_age_ms,
-		  uint64_t max_pages, int order, struct mc_run *out, size_t cap,
+		  uint32_t skip_flags, uint64_t max_pages, int order, struct mc_run *out, size_t cap,
 		  uint64_t *npages);
 int mc_age_hist(struct mc_session *s, int32_t range, uint32_t state_mask, uint32_t min_age_ms,
 		uint64_t *out);

@@ -590,13 +590,15 @@ int mc_age_hist(struct mc_session *s, int32_t range, uint32_t state_mask, uint32
 }
 
 /*
- * Runs of pages in `state_mask` states idle at least min_age_ms.  With a
+ * Runs of pages in `state_mask` states idle at least min_age_ms, without any
+ * of `skip_flags` (MC_PF_*).  With a
  * max_pages limit, `order` > 0 takes the oldest first and < 0 the youngest
  * first (by power-of-two age class; address order within the class that
  * straddles the limit); 0 takes them in address order.
  */
 int64_t mc_select(struct mc_session *s, int32_t range, uint32_t state_mask, uint32_t min_age_ms,
-		  uint64_t max_pages, int order, struct mc_run *out, size_t cap, uint64_t *npages)
+		  uint32_t skip_flags, uint64_t max_pages, int order, struct mc_run *out, size_t cap,
+		  uint64_t *npages)
 {
 	uint32_t now = (uint32_t)mc_now_ms();
 	uint64_t hist[MC_AGE_CLASSES] = {0}, taken = 0;
@@ -624,7 +626,7 @@ int64_t mc_select(struct mc_session *s, int32_t range, uint32_t state_mask, uint
 		for (uint64_t j = 0; j < r->npages && taken < max_pages; j++) {
 			struct page *p = &r->pages[j];
 			uint32_t age = now - page_stamp(s, p);
-			if (!((state_mask >> p->state) & 1) || age < min_age_ms)
+			if (!((state_mask >> p->state) & 1) || age < min_age_ms || (p->flags & skip_flags))
 				continue;
 			if (cut >= 0) {
 				int b = (int)age_bucket(age);
