@@ -12,9 +12,8 @@ import errno
 from dataclasses import dataclass
 from typing import Callable
 
-import trio
-
 from . import core
+from .events import EventCounts, first_of
 from .selection import parse_size
 
 MAX = None  # "max": unlimited
@@ -112,25 +111,11 @@ SETTINGS = {s.name: s for s in [
 ]}
 
 
-class _Changes:
-    """Wakes whoever waits for a setting to change (the policy, when idle)."""
-
-    def __init__(self):
-        self._changed = trio.Event()
-
-    def changed(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait_changed(self) -> None:
-        await self._changed.wait()
-
-
-class Config(_Changes):
+class Config:
     """Current values; `set` validates, keeps the old value on error, pushes native ones."""
 
     def __init__(self, **overrides):
-        super().__init__()
+        self.changes = EventCounts()  # bumped by every set: an idle policy waits on it
         self.values = {name: s.default for name, s in SETTINGS.items()}
         for name, value in overrides.items():
             if value is not None:
@@ -154,7 +139,10 @@ class Config(_Changes):
         self.values[name] = value
         if s.native or name == "store_cap_bytes":
             self._apply_native()
-        self.changed()
+        self.changes.bump("set")
+
+    async def wait_changed(self) -> None:
+        await self.changes.wait_changed(self.changes.generation)
 
     def _apply_native(self) -> None:
         t = {s.native: (core.CODECS[self.values[n]] if n == "codec" else self.values[n])
@@ -164,11 +152,11 @@ class Config(_Changes):
         core.set_tunables(**t)
 
 
-class SessionConfig(_Changes):
+class SessionConfig:
     """A session's overrides of the per-session settings; the rest is inherited."""
 
     def __init__(self, parent: Config):
-        super().__init__()
+        self.changes = EventCounts()
         self.parent = parent
         self.overrides: dict[str, object] = {}
 
@@ -189,13 +177,9 @@ class SessionConfig(_Changes):
                 self.overrides[name] = s.parse(text.strip())
             except ValueError as e:
                 raise OSError(errno.EINVAL, f"{name}: {e}")
-        self.changed()
+        self.changes.bump("set")
 
     async def wait_changed(self) -> None:
         """Until one of this session's settings, or the daemon's, changes."""
-        async with trio.open_nursery() as nursery:
-            async def either(wait):
-                await wait()
-                nursery.cancel_scope.cancel()
-            nursery.start_soon(either, super().wait_changed)
-            nursery.start_soon(either, self.parent.wait_changed)
+        since = self.changes.generation
+        await first_of(lambda: self.changes.wait_changed(since), self.parent.wait_changed)

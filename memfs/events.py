@@ -1,7 +1,7 @@
 """Flat keyed event counts that can be waited on (the `events` files)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Awaitable, Callable
 
 import trio
 
@@ -48,3 +48,13 @@ class EventCounts:
 
     def render(self) -> str:
         return "".join(f"{k} {v}\n" for k, v in self.counts.items())
+
+
+async def first_of(*waits: Callable[[], Awaitable[object]]) -> None:
+    """Return when the first of these waits returns; the others are cancelled."""
+    async with trio.open_nursery() as nursery:
+        async def until(wait):
+            await wait()
+            nursery.cancel_scope.cancel()
+        for wait in waits:
+            nursery.start_soon(until, wait)

@@ -30,7 +30,7 @@ import trio
 from . import protocol, report
 from .config import SessionConfig
 from .core import HIST_BUCKETS, NativeSession
-from .events import EventCounts
+from .events import EventCounts, first_of
 from .pager import NoFree, Pager
 from .policy import Policy
 
@@ -471,12 +471,7 @@ class Session:
             await trio.sleep(timeout)  # no activity to relay: a plain wait, never a busy loop
             return
         with trio.move_on_after(timeout):
-            async with trio.open_nursery() as nursery:
-                async def until(wait):
-                    await wait()
-                    nursery.cancel_scope.cancel()
-                nursery.start_soon(until, self.wait_activity)
-                nursery.start_soon(until, self.config.wait_changed)
+            await first_of(self.wait_activity, self.config.wait_changed)
 
     async def _watch_activity(self) -> None:
         """While someone waits, relay the native core's notifications (an eventfd).

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import trio
 
-from helpers import ROOT
+from helpers import ROOT, c_target, wait_for
 
 NOBODY = 65534
 OTHER_UID = 65533  # a second unprivileged user; needs no passwd entry for setpriv
@@ -100,3 +100,27 @@ def evicted_share(states: list[str], pages) -> float:
 
 def flat(path: Path) -> dict[str, str]:
     return dict(line.split(None, 1) for line in path.read_text().splitlines() if line.strip())
+
+
+HOT_PART = range(32 * PAGES_PER_MB, 48 * PAGES_PER_MB)  # what a hot/cold target keeps using
+
+
+async def hot_and_cold_target(d, targets, pattern: str):
+    """A 128 MiB target that keeps using HOT_PART (16 MiB) and leaves the rest:
+    the ground truth an access source is judged against.  Returns it and its cold pages."""
+    t = await targets(c_target(d.sock, 128, "--pattern", pattern))
+    await t.command(f"hot {HOT_PART.start} {len(HOT_PART)}")
+    return t, [i for i in range(t.npages) if i not in HOT_PART]
+
+
+async def wait_cold_part_evicted(d, t, cold, timeout: float, linger: float) -> list[str]:
+    """Until 90 % of the cold pages are evicted; then, `linger` seconds later, the
+    cold part must still be out and the hot part in.  The page states then."""
+    await wait_for(lambda: evicted_share(page_states(d, t.session_id), cold) >= 0.9,
+                   timeout=timeout, interval=min(1.0, timeout / 60))
+    await trio.sleep(linger)  # more rounds: the hot part must still be there
+    st = page_states(d, t.session_id)
+    assert evicted_share(st, cold) >= 0.9
+    hot_out = evicted_share(st, HOT_PART)
+    assert hot_out <= 0.05, f"{hot_out:.1%} of the hot part was evicted"
+    return st

@@ -10,7 +10,7 @@ import time
 import pytest
 import trio
 
-from fsutil import PAGES_PER_MB as MB, evicted_share, flat, page_states, sh
+from fsutil import evicted_share, flat, hot_and_cold_target, HOT_PART, page_states, PAGES_PER_MB as MB, sh, wait_cold_part_evicted
 from helpers import c_target, wait_for
 
 from memfs import core, selection
@@ -21,23 +21,11 @@ SAMPLER = ("--access-source", "sampler", "--sample-ms", "50", "--damon-read-ms",
 async def test_sampler_and_policy_evict_the_cold_part_only(fsd, targets):
     """A target uses 16 MiB of 128 MiB; the rest must go, the hot part must stay."""
     d = await fsd(*SAMPLER, "--policy", "evict", "--cold-age-ms", "3000")
-    t = await targets(c_target(d.sock, 128, "--pattern", "text"))
-    hot = range(32 * MB, 48 * MB)
-    cold = [i for i in range(t.npages) if i not in hot]
-    await t.command(f"hot {hot.start} {len(hot)}")
+    t, cold = await hot_and_cold_target(d, targets, "text")
+    hot = HOT_PART
     s = d.session_dir(t.session_id)
     assert flat(s / "stat")["access_source"] == "sampler"
-
-    def settled():
-        st = page_states(d, t.session_id)
-        return evicted_share(st, cold) >= 0.9 and st
-
-    st = await wait_for(settled, timeout=60, interval=0.5)
-    await trio.sleep(2)  # a few more rounds: the hot part must still be there
-    st = page_states(d, t.session_id)
-    assert evicted_share(st, cold) >= 0.9
-    hot_out = evicted_share(st, hot)
-    assert hot_out <= 0.05, f"{hot_out:.1%} of the hot part was evicted"
+    await wait_cold_part_evicted(d, t, cold, timeout=60, linger=2)
     stat = flat(s / "stat")
     assert int(stat["samples"]) > 0 and int(stat["sampler_cpu_ns"]) > 0, "overhead is reported"
     assert int(stat["policy_evict_pages"]) >= 0.9 * len(cold)

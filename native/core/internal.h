@@ -145,6 +145,7 @@ int pagemap_present(struct mc_session *s, uint64_t addr, uint64_t npages, uint8_
  * clearing and copying a page.
  */
 #define ZERO_RUN_MIN 8
+uint64_t zero_run(const struct range *r, uint64_t first, uint64_t i, uint64_t count);
 
 /* restore.c: used by the fault thread and operations; caller holds s->lock */
 int restore_page(struct mc_session *s, struct range *r, uint64_t idx, bool writable,

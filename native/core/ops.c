@@ -450,13 +450,10 @@ static void prefetch_batch(struct mc_session *s, struct range *r, uint64_t first
 		}
 	}
 	for (uint64_t k = 0; k < n;) { /* long zero runs: the zero page, not a copy */
-		uint64_t j = k;
-		while (j < n && state[j] == MC_ZERO)
-			j++;
-		if (j - k >= ZERO_RUN_MIN)
-			for (uint64_t z = k; z < j; z++)
-				filled[z] = false;
-		k = j > k ? j : k + 1;
+		uint64_t z = zero_run(r, first, k, n);
+		if (z >= ZERO_RUN_MIN)
+			memset(filled + k, 0, z * sizeof *filled);
+		k += z ? z : 1;
 	}
 	pthread_mutex_unlock(&s->lock);
 

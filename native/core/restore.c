@@ -83,7 +83,8 @@ int restore_page(struct mc_session *s, struct range *r, uint64_t idx, bool writa
 	return 0;
 }
 
-static uint64_t zero_run(const struct range *r, uint64_t first, uint64_t i, uint64_t count)
+/* How many zero pages start at first+i (before first+count). */
+uint64_t zero_run(const struct range *r, uint64_t first, uint64_t i, uint64_t count)
 {
 	uint64_t j = i;
 	while (j < count && r->pages[first + j].state == MC_ZERO)
@@ -103,10 +104,11 @@ uint64_t restore_run(struct mc_session *s, struct range *r, uint64_t first, uint
 	while (i < count) {
 		struct page *p = &r->pages[first + i];
 		uint64_t j = i, addr = r->start + ((first + i) << PAGE_SHIFT);
+		uint64_t zeros = zero_run(r, first, i, count);
 		int64_t done;
 
-		if (p->state == MC_ZERO && zero_run(r, first, i, count) >= ZERO_RUN_MIN) {
-			j = i + zero_run(r, first, i, count);
+		if (zeros >= ZERO_RUN_MIN) {
+			j = i + zeros;
 			zero_pages(s, addr, (j - i) << PAGE_SHIFT, &done);
 			for (uint64_t k = i; k < i + ((uint64_t)done >> PAGE_SHIFT); k++) {
 				drop_copy(s, r, &r->pages[first + k]);
