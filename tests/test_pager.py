@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import signal
 
 import pytest
@@ -104,6 +105,31 @@ async def test_prefetch_maps_long_zero_runs_to_the_zero_page(daemon, sock_path, 
     assert s.counters()["zero_fill"] == t.npages
     assert t.rss_kb() < 1024, "the zero page costs the target no memory"
     assert await t.verify() == (t.npages, 0)
+
+
+async def test_pages_discarded_during_prefetch_stay_discarded(daemon, sock_path, targets):
+    """Prefetch copies pages in without the session lock; a MADV_DONTNEED by the target
+    meanwhile must win: a copy landing after the kernel zapped the range would bring
+    back data the target threw away (the events gate orders the two)."""
+    t = await targets(c_target(sock_path, 2))  # small: a discard often meets the batch in flight
+    s = session(daemon, t)
+    runs = selection.all_runs(s.native)
+    rng = random.Random(7)
+    discards = 0
+    for _ in range(300):
+        await s.pager.evict(runs)
+        done = trio.Event()
+        async with trio.open_nursery() as nursery:
+            async def prefetch():
+                await s.pager.prefetch(runs)
+                done.set()
+            nursery.start_soon(prefetch)
+            while not done.is_set():  # discard pages ahead of and behind the prefetch
+                r = await t.command(f"discard {rng.randrange(t.npages - 4)} 4")
+                assert r == {"_": "DISCARD", "rc": "0"}
+                discards += 1
+        assert await t.verify() == (t.npages, 0), "a discarded page came back with old data"
+    assert discards >= 300 and s.counters()["events_remove"] >= discards
 
 
 async def stress(daemon, t, seconds: float):

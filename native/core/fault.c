@@ -22,6 +22,7 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #define MSG_BATCH 64
@@ -40,6 +41,10 @@ struct fault_ctx {
 	uint64_t next_place; /* when to look at its CPU again */
 	uint64_t run_delay;  /* our schedstat run-queue delay when last looked */
 	uint64_t backoff_until;
+	uint64_t faults;     /* page faults answered, all told */
+	uint64_t faults_seen; /* ... when the last drain ended */
+	long nivcsw;         /* our involuntary context switches then */
+	unsigned apart;      /* drains in a row whose answers did not preempt us */
 	bool idle;           /* running SCHED_IDLE (following faulting threads) */
 	cpu_set_t cpus;      /* the affinity we started with */
 	struct retry retry[RETRY_CAP];
@@ -302,6 +307,7 @@ static void handle_msg(struct fault_ctx *fc, const struct uffd_msg *m, uint64_t 
 	switch (m->event) {
 	case UFFD_EVENT_PAGEFAULT:
 		fc->last_tid = m->arg.pagefault.feat.ptid;
+		fc->faults++;
 		if (serve_fault(fc, m->arg.pagefault.address, m->arg.pagefault.flags,
 				m->arg.pagefault.feat.ptid, t0) == -EAGAIN &&
 		    fc->nretry < RETRY_CAP)
@@ -345,13 +351,15 @@ static void retry_faults(struct fault_ctx *fc)
  * for events: reading a REMOVE lets the madvise() that sent it go on (the
  * agent's own, when evicting), and its answer could otherwise complete the
  * eviction and see the pages restored before we handled the event, which
- * would then forget pages that hold data again.
+ * would then forget pages that hold data again.  The events gate keeps
+ * prefetch copies (made without s->lock) out of the same step.
  */
 static bool drain(struct fault_ctx *fc, struct uffd_msg *msgs, int *err)
 {
 	struct mc_session *s = fc->s;
 	bool faulted = false;
 	ssize_t n;
+	pthread_rwlock_wrlock(&s->events_gate);
 	pthread_mutex_lock(&s->lock);
 	n = read(s->uffd, msgs, MSG_BATCH * sizeof *msgs);
 	if (n > 0) {
@@ -365,6 +373,7 @@ static bool drain(struct fault_ctx *fc, struct uffd_msg *msgs, int *err)
 	if (fc->nretry)
 		retry_faults(fc);
 	pthread_mutex_unlock(&s->lock);
+	pthread_rwlock_unlock(&s->events_gate);
 	if (faulted) /* the target did something: ends an idle policy's or sampler's wait (the
 		      * staging area's zaps, REMOVE events of our own making, must not) */
 		notify(s);
@@ -376,18 +385,29 @@ static bool drain(struct fault_ctx *fc, struct uffd_msg *msgs, int *err)
  * microseconds each way, more than serving the fault; on the faulting
  * thread's own CPU the switch to us and back is cheap, and that thread
  * cannot run anyway while its fault waits.  So the fault thread follows
- * the thread that faults, looking (a /proc read, ~10 us) at most every
- * PLACE_NS.  It also runs SCHED_IDLE: otherwise, when our UFFDIO_COPY wakes
- * the faulting thread, the scheduler sees our CPU busy (with us) and wakes
- * it on the other one, and the two drift apart again; a CPU running only a
- * SCHED_IDLE thread counts as idle, so the woken thread stays.  Nobody pins
- * anything by hand.
+ * the thread that faults (a /proc read, ~10 us).  It also runs SCHED_IDLE:
+ * otherwise, when our UFFDIO_COPY wakes the faulting thread, the scheduler
+ * sees our CPU busy (with us) and wakes it on the other one, and the two
+ * drift apart again; a CPU running only a SCHED_IDLE thread counts as
+ * idle, so the woken thread stays.  Nobody pins anything by hand.
+ *
+ * When to look.  Together, the thread we wake preempts us on our way back
+ * from the ioctl that woke it (it is not SCHED_IDLE, we are): every drain
+ * that answers a fault costs us an involuntary context switch.  Drains in
+ * a row without one mean the faulting thread runs elsewhere, and each of
+ * its faults now pays two cross-vCPU wake-ups; then we look at once
+ * (at most every FOLLOW_NS), instead of waiting for the next PLACE_NS.
+ * The scheduler moves threads for its own reasons (another task woke on
+ * that CPU) several times a second under load, and a fault every ~15 us
+ * makes each slow stretch hundreds of faults long.
  *
  * The price of SCHED_IDLE: other busy threads on that CPU would starve us.
  * Our run-queue delay (schedstat) tells: above STARVED_NS per PLACE_NS we
  * become an ordinary thread on any CPU for BACKOFF_NS, then try again.
  */
 #define PLACE_NS 20000000ull
+#define FOLLOW_NS 500000ull
+#define APART_DRAINS 2
 #define STARVED_NS 10000000ull
 #define BACKOFF_NS 1000000000ull
 
@@ -435,9 +455,21 @@ static void follow_faulting_cpu(struct fault_ctx *fc)
 			set_idle_policy(fc, false);
 		return;
 	}
-	if (!fc->last_tid || now < fc->next_place)
+	if (!fc->last_tid)
+		return;
+	if (fc->idle && fc->faults != fc->faults_seen) {
+		struct rusage ru;
+		fc->faults_seen = fc->faults;
+		if (!getrusage(RUSAGE_THREAD, &ru)) {
+			fc->apart = ru.ru_nivcsw == fc->nivcsw ? fc->apart + 1 : 0;
+			fc->nivcsw = ru.ru_nivcsw;
+		}
+	}
+	if (now < fc->next_place &&
+	    !(fc->apart >= APART_DRAINS && now >= fc->next_place - PLACE_NS + FOLLOW_NS))
 		return;
 	fc->next_place = now + PLACE_NS;
+	fc->apart = 0;
 	delay = read_u64_field("/proc/thread-self/schedstat", 2);
 	if (fc->idle && delay != UINT64_MAX && fc->run_delay && delay - fc->run_delay > STARVED_NS) {
 		set_idle_policy(fc, false);
@@ -473,6 +505,8 @@ void *fault_main(void *arg)
 		return NULL;
 	}
 	fc->s = s;
+	/* visible in top -H and /proc/PID/task/TID/comm: which thread serves faults */
+	pthread_setname_np(pthread_self(), "memfs-fault");
 	sched_getaffinity(0, sizeof fc->cpus, &fc->cpus);
 	if (tun.follow_fault_cpu)
 		set_idle_policy(fc, true);

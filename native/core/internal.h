@@ -78,6 +78,20 @@ struct mc_session {
 	 * dropped would fault the target).  Order: gate, then lock.
 	 */
 	pthread_rwlock_t gate;
+	/*
+	 * `events_gate` lets prefetch copy pages in without `lock`, two threads
+	 * at once.  The danger is a REMOVE/UNMAP/REMAP read meanwhile: reading
+	 * it lets the target's madvise() go on and zap the range, and a copy
+	 * landing after the zap would bring back data the target threw away.
+	 * The fault thread holds the gate exclusively while it reads and
+	 * handles messages; a prefetch holds it shared from checking its pages
+	 * (under `lock`) until their new state is recorded, so no message is
+	 * read in between.  An event still unread makes the kernel refuse the
+	 * copy (EAGAIN: the mm is changing), and the pages stay evicted.
+	 * Writers are preferred: faults do not wait behind a stream of copies.
+	 * Order: events_gate, then lock.
+	 */
+	pthread_rwlock_t events_gate;
 
 	uint32_t nranges;
 	struct range *ranges;   /* registration order */

@@ -416,12 +416,13 @@ static void restored_batch(struct mc_session *s, struct range *r, uint64_t first
 /*
  * Prefetch a batch in three steps: pin the blobs (locked), decode them
  * unlocked -- so that two threads decode at once and faults are served
- * meanwhile -- then copy in the pages nothing changed (locked), in as few
+ * meanwhile -- then copy in the pages nothing changed, in as few
  * UFFDIO_COPYs as the batch allows: same-filled pages and short runs of
  * zero pages are filled in with the rest (long zero runs are left to
- * restore_run, which maps the zero page).  A page restored by a fault in
- * between is skipped; if that fault dropped the copy (a write), drop_copy()
- * left the pinned blob to us to free.
+ * restore_run, which maps the zero page).  The copies run without s->lock,
+ * under the events gate (see internal.h), so two threads copy at once too.
+ * A page restored by a fault in between is skipped; if that fault dropped
+ * the copy (a write), drop_copy() left the pinned blob to us to free.
  */
 static void prefetch_batch(struct mc_session *s, struct range *r, uint64_t first, uint64_t n,
 			   uint8_t *scratch, struct mc_op_result *res)
@@ -429,14 +430,14 @@ static void prefetch_batch(struct mc_session *s, struct range *r, uint64_t first
 	uint64_t copy[PBATCH];
 	uint16_t csize[PBATCH];
 	uint8_t state[PBATCH];
-	bool pinned[PBATCH], filled[PBATCH], ready[PBATCH], was_out[PBATCH];
+	bool pinned[PBATCH], filled[PBATCH], ready[PBATCH], was_out[PBATCH], copied[PBATCH];
 
 	pthread_mutex_lock(&s->lock);
 	for (uint64_t k = 0; k < n; k++) {
 		struct page *p = &r->pages[first + k];
 		state[k] = p->state;
 		was_out[k] = p->state == MC_COMPRESSED || p->state == MC_ZERO;
-		pinned[k] = filled[k] = ready[k] = false;
+		pinned[k] = filled[k] = ready[k] = copied[k] = false;
 		copy[k] = p->copy;
 		csize[k] = p->csize;
 		res->pages_seen++;
@@ -470,6 +471,7 @@ static void prefetch_batch(struct mc_session *s, struct range *r, uint64_t first
 		}
 	}
 
+	pthread_rwlock_rdlock(&s->events_gate);
 	pthread_mutex_lock(&s->lock);
 	for (uint64_t k = 0; k < n; k++) {
 		struct page *p = &r->pages[first + k];
@@ -485,36 +487,50 @@ static void prefetch_batch(struct mc_session *s, struct range *r, uint64_t first
 		if (ready[k] && (p->state != state[k] || p->copy != copy[k]))
 			ready[k] = false;
 	}
+	pthread_mutex_unlock(&s->lock);
+	/* the events gate is held: no message is read until the states below are true */
 	for (uint64_t i = 0; i < n;) {
+		uint64_t j = i, got;
+		int64_t done = 0;
+		if (!ready[i]) {
+			i++;
+			continue;
+		}
+		while (j < n && ready[j])
+			j++;
+		copy_pages(s, r->start + ((first + i) << PAGE_SHIFT), scratch + i * PAGE,
+			   (j - i) << PAGE_SHIFT, true, &done);
+		got = (uint64_t)done >> PAGE_SHIFT;
+		memset(copied + i, 1, got * sizeof *copied);
+		/* stopped early (the page is there already, or the mm changed): skip it */
+		i = got < j - i ? i + got + 1 : j;
+	}
+	pthread_mutex_lock(&s->lock);
+	for (uint64_t k = 0; k < n; k++) {
+		struct page *q = &r->pages[first + k];
+		/* an operation that restored the page meanwhile found ours there and took it over */
+		if (!copied[k] || q->state != state[k] || q->copy != copy[k])
+			continue;
+		if (q->state == MC_ZERO)
+			s->c.zero_fill++;
+		else
+			s->c.restore_ok++;
+		set_state(r, q, MC_CLEAN);
+	}
+	for (uint64_t i = 0; i < n;) { /* long zero runs, and any copy that did not decode: as usual */
 		uint64_t j = i;
 		if (ready[i]) {
-			int64_t done = 0;
-			uint64_t got;
-			while (j < n && ready[j])
-				j++;
-			copy_pages(s, r->start + ((first + i) << PAGE_SHIFT), scratch + i * PAGE,
-				   (j - i) << PAGE_SHIFT, true, &done);
-			got = (uint64_t)done >> PAGE_SHIFT;
-			for (uint64_t k = i; k < i + got; k++) {
-				struct page *q = &r->pages[first + k];
-				if (q->state == MC_ZERO)
-					s->c.zero_fill++;
-				else
-					s->c.restore_ok++;
-				set_state(r, q, MC_CLEAN);
-			}
-			/* stopped early (the page is there already, or the mm changed): skip it */
-			i = got < j - i ? i + got + 1 : j;
-		} else {
-			/* long zero runs, and any copy that did not decode: as usual */
-			while (j < n && !ready[j])
-				j++;
-			restore_run(s, r, first + i, j - i, false, scratch + i * PAGE);
-			i = j;
+			i++;
+			continue;
 		}
+		while (j < n && !ready[j])
+			j++;
+		restore_run(s, r, first + i, j - i, false, scratch + i * PAGE);
+		i = j;
 	}
 	restored_batch(s, r, first, n, was_out, false, res);
 	pthread_mutex_unlock(&s->lock);
+	pthread_rwlock_unlock(&s->events_gate);
 }
 
 int mc_restore(struct mc_session *s, const struct mc_run *runs, size_t nruns, uint32_t flags,

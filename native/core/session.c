@@ -236,6 +236,13 @@ struct mc_session *mc_session_new(int uffd, int pid, uint32_t nranges, const uin
 	s->pagemap_fd = s->notify_fd = s->stop_fd = -1;
 	pthread_mutex_init(&s->lock, NULL);
 	pthread_rwlock_init(&s->gate, NULL);
+	{
+		pthread_rwlockattr_t a;
+		pthread_rwlockattr_init(&a);
+		pthread_rwlockattr_setkind_np(&a, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+		pthread_rwlock_init(&s->events_gate, &a);
+		pthread_rwlockattr_destroy(&a);
+	}
 	s->ranges = calloc(nranges, sizeof *s->ranges);
 	s->by_addr = calloc(nranges, sizeof *s->by_addr);
 	if (!s->ranges || !s->by_addr)
@@ -408,6 +415,7 @@ void mc_session_free(struct mc_session *s)
 		close(s->stop_fd);
 	pthread_mutex_destroy(&s->lock);
 	pthread_rwlock_destroy(&s->gate);
+	pthread_rwlock_destroy(&s->events_gate);
 	free(s);
 }
 

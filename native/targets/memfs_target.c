@@ -8,6 +8,7 @@
  *   verify                 compare every page with its expected contents
  *   rss                    RssAnon of this process, in kB
  *   write PAGE BYTE        fill a page with BYTE (updates the expectation)
+ *   discard FIRST COUNT    madvise(MADV_DONTNEED) those pages: they read as zeros from now on
  *   stress SECONDS THREADS writers put sequence numbers in random pages,
  *                          then every page is checked for each writer's last value
  *   touch seq|rand N SEED  read all pages in order (seq) or N distinct ones in random
@@ -427,6 +428,12 @@ int main(int argc, char **argv)
 			memset(region + x * PAGE, (int)y, PAGE);
 			expect[x] = fnv(region + x * PAGE, PAGE);
 			printf("WROTE %lu\n", x);
+		} else if (sscanf(line, "discard %lu %lu", &x, &y) == 2 && x < npages && y <= npages - x) {
+			static const uint8_t zero[PAGE];
+			int rc = madvise(region + x * PAGE, y * PAGE, MADV_DONTNEED) ? -errno : 0;
+			for (size_t i = x; i < x + y && !rc; i++)
+				expect[i] = fnv(zero, PAGE);
+			printf("DISCARD rc=%d\n", rc);
 		} else if (sscanf(line, "stress %lf %lu", &d, &x) == 2) {
 			cmd_stress(d, (unsigned)x);
 		} else if (sscanf(line, "touch %31s %lu %lu", a, &x, &z) >= 1) {
