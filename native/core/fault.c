@@ -40,6 +40,8 @@ struct fault_ctx {
 	uint32_t last_tid;   /* the thread that faulted last */
 	uint64_t next_place; /* when to look at its CPU again */
 	uint64_t run_delay;  /* our schedstat run-queue delay when last looked */
+	uint64_t tid_run;    /* the faulting thread's CPU time then (schedstat) */
+	uint32_t tid_looked; /* ... of this thread */
 	uint64_t backoff_until;
 	uint64_t faults;     /* page faults answered, all told */
 	uint64_t faults_seen; /* ... when the last drain ended */
@@ -404,12 +406,15 @@ static bool drain(struct fault_ctx *fc, struct uffd_msg *msgs, int *err)
  * The price of SCHED_IDLE: other busy threads on that CPU would starve us.
  * Our run-queue delay (schedstat) tells: above STARVED_NS per PLACE_NS we
  * become an ordinary thread on any CPU for BACKOFF_NS, then try again.
+ * Waiting while the faulting thread itself runs is not starving (it is
+ * what SCHED_IDLE is for: readahead goes on behind a target reading what
+ * we restored), so its CPU time meanwhile does not count.
  */
 #define PLACE_NS 20000000ull
 #define FOLLOW_NS 500000ull
 #define APART_DRAINS 2
 #define STARVED_NS 10000000ull
-#define BACKOFF_NS 1000000000ull
+#define BACKOFF_NS 200000000ull
 
 static uint64_t read_u64_field(const char *path, int field)
 {
@@ -447,7 +452,7 @@ static void set_idle_policy(struct fault_ctx *fc, bool idle)
 static void follow_faulting_cpu(struct fault_ctx *fc)
 {
 	char path[64];
-	uint64_t now = now_ns(), delay, cpu;
+	uint64_t now = now_ns(), delay, cpu, tid_run, waited;
 	cpu_set_t set;
 
 	if (!tun.follow_fault_cpu) {
@@ -471,7 +476,14 @@ static void follow_faulting_cpu(struct fault_ctx *fc)
 	fc->next_place = now + PLACE_NS;
 	fc->apart = 0;
 	delay = read_u64_field("/proc/thread-self/schedstat", 2);
-	if (fc->idle && delay != UINT64_MAX && fc->run_delay && delay - fc->run_delay > STARVED_NS) {
+	snprintf(path, sizeof path, "/proc/%d/task/%u/schedstat", fc->s->pid, fc->last_tid);
+	tid_run = read_u64_field(path, 1);
+	waited = delay != UINT64_MAX && fc->run_delay ? delay - fc->run_delay : 0;
+	if (tid_run != UINT64_MAX && fc->tid_looked == fc->last_tid && fc->tid_run)
+		waited = waited > tid_run - fc->tid_run ? waited - (tid_run - fc->tid_run) : 0;
+	fc->tid_run = tid_run == UINT64_MAX ? 0 : tid_run;
+	fc->tid_looked = fc->last_tid;
+	if (fc->idle && waited > STARVED_NS) {
 		set_idle_policy(fc, false);
 		fc->backoff_until = now + BACKOFF_NS;
 		fc->s->c.fault_thread_starved++;
