@@ -361,13 +361,15 @@ SELECTORS = ("all", "cold", "pages", "addr", "bytes")
 @pytest.mark.parametrize("verb", ["compress", "evict", "prefetch"])
 async def test_each_verb_with_each_selector(fsd, targets, verb):
     """Text pages only (all compressible, none zero), so every named page must change."""
-    d = await fsd("--cold-age-ms", "400")
+    # the young pages must stay young while 32 of them are evicted and written one by one,
+    # which took over 400 ms once on a fresh clone: a cold age with room to spare
+    d = await fsd("--cold-age-ms", "1500")
     for sel in SELECTORS:
         t = await targets(c_target(d.sock, 1, "--pattern", "text"))
         s = d.session_dir(t.session_id)
         n = t.npages
-        young = set(range(0, n, 8))  # used just now; the rest was registered >400 ms ago
-        await trio.sleep(0.5)
+        young = set(range(0, n, 8))  # used just now; the rest was registered >1500 ms ago
+        await trio.sleep(1.6)
         # the young pages are evicted and written back by the target: their age restarts
         for i in sorted(young):
             assert await write(s / "ctl", f"evict pages={i}") == 0
