@@ -31,9 +31,15 @@ async def test_sampler_and_policy_evict_the_cold_part_only(fsd, targets):
     assert int(stat["policy_evict_pages"]) >= 0.9 * len(cold)
     assert int(stat["promotions"]) <= 0.1 * len(hot), "hot pages were not evicted and faulted back either"
     heat = [line.split() for line in (s / "ranges" / "0" / "heat").read_text().splitlines()]
-    hot_regions = [r for r in heat if int(r[3]) > 50]
-    assert hot_regions and all(int(r[0]) + int(r[1]) > hot.start and int(r[0]) < hot.stop for r in hot_regions), \
-        "regions seen used lie in the hot part"
+    # Regions seen used must cover the hot part and little else.  Not "every such region
+    # overlaps it": a region split off a used one inherits its frequency (as in DAMON)
+    # and keeps it for a window or two, so a piece just past the edge may show as used.
+    seen_used = set()
+    for r in heat:
+        if int(r[3]) > 50:
+            seen_used.update(range(int(r[0]), int(r[0]) + int(r[1])))
+    assert len(seen_used & set(hot)) >= 0.9 * len(hot), "regions seen used cover the hot part"
+    assert len(seen_used - set(hot)) <= 0.05 * len(cold), "regions seen used lie (mostly) in the hot part"
     await t.command("hot off")
     assert await t.verify() == (t.npages, 0)
 

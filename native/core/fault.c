@@ -43,9 +43,7 @@ struct fault_ctx {
 	uint64_t tid_run;    /* the faulting thread's CPU time then (schedstat) */
 	uint32_t tid_looked; /* ... of this thread */
 	uint64_t backoff_until;
-	uint64_t faults;     /* page faults answered, all told */
-	uint64_t faults_seen; /* ... when the last drain ended */
-	long nivcsw;         /* our involuntary context switches then */
+	long nivcsw;         /* our involuntary context switches after the last drain that faulted */
 	unsigned apart;      /* drains in a row whose answers did not preempt us */
 	bool idle;           /* running SCHED_IDLE (following faulting threads) */
 	cpu_set_t cpus;      /* the affinity we started with */
@@ -309,7 +307,6 @@ static void handle_msg(struct fault_ctx *fc, const struct uffd_msg *m, uint64_t 
 	switch (m->event) {
 	case UFFD_EVENT_PAGEFAULT:
 		fc->last_tid = m->arg.pagefault.feat.ptid;
-		fc->faults++;
 		if (serve_fault(fc, m->arg.pagefault.address, m->arg.pagefault.flags,
 				m->arg.pagefault.feat.ptid, t0) == -EAGAIN &&
 		    fc->nretry < RETRY_CAP)
@@ -356,11 +353,11 @@ static void retry_faults(struct fault_ctx *fc)
  * would then forget pages that hold data again.  The events gate keeps
  * prefetch copies (made without s->lock) out of the same step.
  */
-static bool drain(struct fault_ctx *fc, struct uffd_msg *msgs, int *err)
+static bool drain(struct fault_ctx *fc, struct uffd_msg *msgs, int *err, bool *faulted)
 {
 	struct mc_session *s = fc->s;
-	bool faulted = false;
 	ssize_t n;
+	*faulted = false;
 	pthread_rwlock_wrlock(&s->events_gate);
 	pthread_mutex_lock(&s->lock);
 	n = read(s->uffd, msgs, MSG_BATCH * sizeof *msgs);
@@ -368,7 +365,7 @@ static bool drain(struct fault_ctx *fc, struct uffd_msg *msgs, int *err)
 		uint64_t t0 = now_ns();
 		for (ssize_t i = 0; i < n / (ssize_t)sizeof *msgs; i++) {
 			handle_msg(fc, &msgs[i], t0);
-			faulted |= msgs[i].event == UFFD_EVENT_PAGEFAULT;
+			*faulted |= msgs[i].event == UFFD_EVENT_PAGEFAULT;
 		}
 	}
 	*err = n < 0 ? errno : 0;
@@ -376,7 +373,7 @@ static bool drain(struct fault_ctx *fc, struct uffd_msg *msgs, int *err)
 		retry_faults(fc);
 	pthread_mutex_unlock(&s->lock);
 	pthread_rwlock_unlock(&s->events_gate);
-	if (faulted) /* the target did something: ends an idle policy's or sampler's wait (the
+	if (*faulted) /* the target did something: ends an idle policy's or sampler's wait (the
 		      * staging area's zaps, REMOVE events of our own making, must not) */
 		notify(s);
 	return n > 0;
@@ -449,7 +446,7 @@ static void set_idle_policy(struct fault_ctx *fc, bool idle)
 		sched_setaffinity(0, sizeof fc->cpus, &fc->cpus);
 }
 
-static void follow_faulting_cpu(struct fault_ctx *fc)
+static void follow_faulting_cpu(struct fault_ctx *fc, bool faulted)
 {
 	char path[64];
 	uint64_t now = now_ns(), delay, cpu, tid_run, waited;
@@ -462,9 +459,8 @@ static void follow_faulting_cpu(struct fault_ctx *fc)
 	}
 	if (!fc->last_tid)
 		return;
-	if (fc->idle && fc->faults != fc->faults_seen) {
+	if (fc->idle && faulted) {
 		struct rusage ru;
-		fc->faults_seen = fc->faults;
 		if (!getrusage(RUSAGE_THREAD, &ru)) {
 			fc->apart = ru.ru_nivcsw == fc->nivcsw ? fc->apart + 1 : 0;
 			fc->nivcsw = ru.ru_nivcsw;
@@ -526,8 +522,9 @@ void *fault_main(void *arg)
 		struct pollfd pfd[2] = {{.fd = s->uffd, .events = POLLIN},
 					{.fd = s->stop_fd, .events = POLLIN}};
 		int err = 0, timeout;
-		if (drain(fc, msgs, &err)) {
-			follow_faulting_cpu(fc);
+		bool faulted;
+		if (drain(fc, msgs, &err, &faulted)) {
+			follow_faulting_cpu(fc, faulted);
 			if (tun.spin_us)
 				spin_until = now_ns() + (uint64_t)tun.spin_us * 1000u;
 			continue;

@@ -134,6 +134,8 @@ struct mc_tunables {
 	uint32_t faultaround_pages;   /* zero pages mapped around a fault on untouched memory */
 	uint32_t readahead_max_pages; /* most pages restored after a sequential fault */
 	uint32_t debug_unsafe_evict;  /* TESTS ONLY: let writes through during eviction (loses them) */
+	uint32_t debug_prefetch_delay_us; /* TESTS ONLY: a prefetch waits this long between
+					   * checking a batch and copying it in */
 	uint32_t follow_fault_cpu;    /* fault thread moves to the CPU of the thread that faults */
 	uint64_t store_cap_bytes; /* the store takes no new blob beyond this (0: no limit) */
 };

@@ -25,6 +25,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <sys/uio.h>
 
 #define CBATCH 64
@@ -427,49 +428,36 @@ static void restored_batch(struct mc_session *s, struct range *r, uint64_t first
 static void prefetch_batch(struct mc_session *s, struct range *r, uint64_t first, uint64_t n,
 			   uint8_t *scratch, struct mc_op_result *res)
 {
-	uint64_t copy[PBATCH];
-	uint16_t csize[PBATCH];
-	uint8_t state[PBATCH];
-	bool pinned[PBATCH], filled[PBATCH], ready[PBATCH], was_out[PBATCH], copied[PBATCH];
+	struct page snap[PBATCH]; /* the pages as checked, decoded without s->lock */
+	bool pinned[PBATCH], ready[PBATCH], was_out[PBATCH], copied[PBATCH];
 
 	pthread_mutex_lock(&s->lock);
 	for (uint64_t k = 0; k < n; k++) {
 		struct page *p = &r->pages[first + k];
-		state[k] = p->state;
+		snap[k] = *p;
 		was_out[k] = p->state == MC_COMPRESSED || p->state == MC_ZERO;
-		pinned[k] = filled[k] = ready[k] = copied[k] = false;
-		copy[k] = p->copy;
-		csize[k] = p->csize;
+		pinned[k] = ready[k] = copied[k] = false;
 		res->pages_seen++;
 		if (!was_out[k])
 			continue;
 		if (p->flags & MC_PF_SAME) {
-			filled[k] = true; /* zero or same-filled: the word is all there is */
+			ready[k] = true; /* zero or same-filled: the word is all there is */
 		} else if (p->copy && !(p->flags & MC_PF_PINNED)) {
 			p->flags |= MC_PF_PINNED;
-			pinned[k] = true;
+			pinned[k] = ready[k] = true;
 		}
 	}
 	for (uint64_t k = 0; k < n;) { /* long zero runs: the zero page, not a copy */
 		uint64_t z = zero_run(r, first, k, n);
 		if (z >= ZERO_RUN_MIN)
-			memset(filled + k, 0, z * sizeof *filled);
+			memset(ready + k, 0, z * sizeof *ready);
 		k += z ? z : 1;
 	}
 	pthread_mutex_unlock(&s->lock);
 
-	for (uint64_t k = 0; k < n; k++) {
-		uint8_t *dst = scratch + k * PAGE;
-		if (filled[k]) {
-			fill_page(dst, copy[k]);
-			ready[k] = true;
-		} else if (pinned[k] && csize[k] == PAGE) {
-			memcpy(dst, store_ptr(copy[k]), PAGE);
-			ready[k] = true;
-		} else if (pinned[k]) {
-			ready[k] = codec_decompress(store_ptr(copy[k]), csize[k], dst) == 0;
-		}
-	}
+	for (uint64_t k = 0; k < n; k++)
+		if (ready[k])
+			ready[k] = page_bytes(&snap[k], scratch + k * PAGE) == 0;
 
 	pthread_rwlock_rdlock(&s->events_gate);
 	pthread_mutex_lock(&s->lock);
@@ -479,16 +467,18 @@ static void prefetch_batch(struct mc_session *s, struct range *r, uint64_t first
 			if (p->flags & MC_PF_PINNED) {
 				p->flags &= (uint8_t)~MC_PF_PINNED;
 			} else { /* the copy was dropped meanwhile: its blob is ours to free */
-				store_free(copy[k], csize[k]);
+				store_free(snap[k].copy, snap[k].csize);
 				ready[k] = false;
 			}
 		}
 		/* only what is still evicted with the same copy goes in */
-		if (ready[k] && (p->state != state[k] || p->copy != copy[k]))
+		if (ready[k] && (p->state != snap[k].state || p->copy != snap[k].copy))
 			ready[k] = false;
 	}
 	pthread_mutex_unlock(&s->lock);
 	/* the events gate is held: no message is read until the states below are true */
+	if (tun.debug_prefetch_delay_us)
+		usleep(tun.debug_prefetch_delay_us);
 	for (uint64_t i = 0; i < n;) {
 		uint64_t j = i, got;
 		int64_t done = 0;
@@ -509,13 +499,8 @@ static void prefetch_batch(struct mc_session *s, struct range *r, uint64_t first
 	for (uint64_t k = 0; k < n; k++) {
 		struct page *q = &r->pages[first + k];
 		/* an operation that restored the page meanwhile found ours there and took it over */
-		if (!copied[k] || q->state != state[k] || q->copy != copy[k])
-			continue;
-		if (q->state == MC_ZERO)
-			s->c.zero_fill++;
-		else
-			s->c.restore_ok++;
-		set_state(r, q, MC_CLEAN);
+		if (copied[k] && q->state == snap[k].state && q->copy == snap[k].copy)
+			copied_in(s, r, q, false);
 	}
 	for (uint64_t i = 0; i < n;) { /* long zero runs, and any copy that did not decode: as usual */
 		uint64_t j = i;

@@ -83,6 +83,25 @@ int restore_page(struct mc_session *s, struct range *r, uint64_t idx, bool writa
 	return 0;
 }
 
+/*
+ * An evicted page was copied back in from its copy: count it, and it is
+ * clean (the copy kept, write-protected) or, at the end (`final`), the
+ * target's alone.  A zero page keeps its fill word (0) as its copy.
+ */
+void copied_in(struct mc_session *s, struct range *r, struct page *p, bool final)
+{
+	if (p->state == MC_ZERO)
+		s->c.zero_fill++;
+	else
+		s->c.restore_ok++;
+	if (final) {
+		drop_copy(s, r, p);
+		set_state(r, p, MC_RESIDENT);
+	} else {
+		set_state(r, p, MC_CLEAN);
+	}
+}
+
 /* How many zero pages start at first+i (before first+count). */
 uint64_t zero_run(const struct range *r, uint64_t first, uint64_t i, uint64_t count)
 {
@@ -137,20 +156,8 @@ uint64_t restore_run(struct mc_session *s, struct range *r, uint64_t first, uint
 				continue;
 			}
 			copy_pages(s, addr, scratch, (j - i) << PAGE_SHIFT, !final, &done);
-			for (uint64_t k = i; k < i + ((uint64_t)done >> PAGE_SHIFT); k++) {
-				struct page *q = &r->pages[first + k];
-				/* a zero page keeps its fill word (0) as its copy: clean, like the rest */
-				if (q->state == MC_ZERO)
-					s->c.zero_fill++;
-				else
-					s->c.restore_ok++;
-				if (final) {
-					drop_copy(s, r, q);
-					set_state(r, q, MC_RESIDENT);
-				} else {
-					set_state(r, q, MC_CLEAN);
-				}
-			}
+			for (uint64_t k = i; k < i + ((uint64_t)done >> PAGE_SHIFT); k++)
+				copied_in(s, r, &r->pages[first + k], final);
 		} else {
 			i++;
 			continue;
