@@ -166,7 +166,7 @@ int restore_page(struct mc_session *s, struct range *r, uint64_t idx, bool writa
 		 uint8_t *scratch);
 uint64_t restore_run(struct mc_session *s, struct range *r, uint64_t first, uint64_t count,
 		     bool final, uint8_t *scratch);
-void copied_in(struct mc_session *s, struct range *r, struct page *p, bool final);
+void copied_in(struct mc_session *s, struct range *r, struct page *p, bool writable);
 void release_held(struct mc_session *s, struct range *r, uint64_t idx, uint8_t *scratch);
 void lose_page(struct mc_session *s, struct range *r, uint64_t idx);
 

@@ -73,28 +73,23 @@ int restore_page(struct mc_session *s, struct range *r, uint64_t idx, bool writa
 	rc = copy_pages(s, addr, src, PAGE, !writable, &done);
 	if (rc)
 		return rc;
-	s->c.restore_ok++;
-	if (writable) {
-		drop_copy(s, r, p);
-		set_state(r, p, MC_RESIDENT);
-	} else {
-		set_state(r, p, MC_CLEAN);
-	}
+	copied_in(s, r, p, writable);
 	return 0;
 }
 
 /*
  * An evicted page was copied back in from its copy: count it, and it is
- * clean (the copy kept, write-protected) or, at the end (`final`), the
- * target's alone.  A zero page keeps its fill word (0) as its copy.
+ * clean (the copy kept, write-protected) or, copied in `writable`, the
+ * target's alone (a write fault; the end of a session).  A zero page keeps
+ * its fill word (0) as its copy.
  */
-void copied_in(struct mc_session *s, struct range *r, struct page *p, bool final)
+void copied_in(struct mc_session *s, struct range *r, struct page *p, bool writable)
 {
 	if (p->state == MC_ZERO)
 		s->c.zero_fill++;
 	else
 		s->c.restore_ok++;
-	if (final) {
+	if (writable) {
 		drop_copy(s, r, p);
 		set_state(r, p, MC_RESIDENT);
 	} else {
