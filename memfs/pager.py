@@ -4,9 +4,9 @@ This is the API the filesystem, the policy and the CLI use.  Operations
 take page runs ((range, first, count) tuples, see `memfs.selection` for
 turning user selectors into runs), report what they did as `OpResult`,
 and may be cancelled: work is done in chunks, each chunk handed to the
-native core on a worker thread, and a cancellation takes effect between
-chunks.  One operation runs at a time per session (the native core relies
-on that: see native/core/ops.c).
+native core on a worker thread (two chunks at once: `Pager._spread`), and
+a cancellation takes effect between chunks.  One operation runs at a time
+per session, so an operation never meets another's half-done pages.
 
 Freeing pages needs the target's cooperation: the session's
 `MemorySource` carries EVICT requests to it.  An eviction, once asked
@@ -29,7 +29,7 @@ log = logging.getLogger("memfs.pager")
 
 CHUNK_PAGES = 2048  # pages per native call: the grain of cancellation
 PREFETCH_CHUNK_PAGES = 1024
-PREFETCH_THREADS = 2
+WORKERS = 2  # chunks of one operation in hand at once (the daemon's limiter caps threads)
 EVICT_SETTLE_SECONDS = 10.0
 
 
@@ -117,14 +117,31 @@ class Pager:
                 self._op_scopes.discard(scope)
         raise SessionEnded()
 
+    async def _spread(self, chunks, work) -> OpResult:
+        """`work(chunk)` for every chunk, WORKERS chunks at a time; the sum of what they did.
+
+        Chunks are disjoint, and the native core skips a page another thread
+        has in hand (COMPRESSING, PINNED), so the workers never step on each
+        other; what two of them buy is both CPUs at work, and for an
+        eviction, one chunk compressing while the agent frees the last."""
+        total = OpResult()
+        chunks = iter(chunks)  # shared: each chunk goes to one worker
+
+        async def worker():
+            for chunk in chunks:
+                total.merge(await work(chunk))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(WORKERS):
+                nursery.start_soon(worker)
+        return total
+
     # -- operations ------------------------------------------------------------
     async def compress(self, runs: list[Run]) -> OpResult:
         """Give pages a compressed copy; they stay in the target, write-protected."""
         async def compress():
-            total = OpResult()
-            for chunk in chunked(runs):
-                total.merge(await self._in_thread(self.native.compress, chunk, False))
-            return total
+            return await self._spread(chunked(runs), lambda chunk: self._in_thread(
+                self.native.compress, chunk, False))
         return await self._run_op(compress)
 
     async def evict(self, runs: list[Run]) -> OpResult:
@@ -132,38 +149,30 @@ class Pager:
         if not self.source.can_free:
             raise OSError(errno.EOPNOTSUPP, "this session is wp-only: its pages cannot be freed")
 
+        async def evict_chunk(chunk) -> OpResult:
+            out = OpResult()
+            await self._in_thread(self.native.compress, chunk, True)
+            addr_runs, prep = self.native.evict_prepare(chunk, protocol.EVICT_MAX_RUNS)
+            out.seen = prep.seen
+            if not addr_runs:
+                out.skipped = prep.seen
+                return out
+            ev = await self._start_eviction(addr_runs)
+            await ev.done.wait()
+            out.done = ev.result.done
+            out.skipped = prep.seen - ev.result.done
+            return out
+
         async def evict():
-            total = OpResult()
-            for chunk in chunked(runs, min(CHUNK_PAGES, protocol.EVICT_MAX_RUNS)):
-                await self._in_thread(self.native.compress, chunk, True)
-                addr_runs, prep = self.native.evict_prepare(chunk, protocol.EVICT_MAX_RUNS)
-                total.seen += prep.seen
-                if not addr_runs:
-                    total.skipped += prep.seen
-                    continue
-                ev = await self._start_eviction(addr_runs)
-                await ev.done.wait()
-                total.done += ev.result.done
-                total.skipped += prep.seen - ev.result.done
-            return total
+            return await self._spread(chunked(runs, min(CHUNK_PAGES, protocol.EVICT_MAX_RUNS)), evict_chunk)
         return await self._run_op(evict)
 
     async def prefetch(self, runs: list[Run]) -> OpResult:
         """Put evicted pages back before they are touched (they stay tracked: state clean)."""
         async def prefetch():
             self.native.mark_prefetch(runs)
-            total = OpResult()
-            chunks = iter(chunked(runs, PREFETCH_CHUNK_PAGES))
-
-            async def worker():
-                for chunk in chunks:  # shared: each chunk goes to one worker
-                    total.merge(await self._in_thread(self.native.restore, chunk, False))
-
-            # two threads: one decodes while the other copies in (native prefetch_batch)
-            async with trio.open_nursery() as nursery:
-                for _ in range(PREFETCH_THREADS):
-                    nursery.start_soon(worker)
-            return total
+            return await self._spread(chunked(runs, PREFETCH_CHUNK_PAGES), lambda chunk: self._in_thread(
+                self.native.restore, chunk, False))
         return await self._run_op(prefetch)
 
     # -- evictions in flight ------------------------------------------------------

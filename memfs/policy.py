@@ -30,6 +30,7 @@ would otherwise cost the daemon a round per second each, for nothing.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import trio
@@ -64,13 +65,19 @@ class Policy:
         return self.session.config.get("cold_age_ms") * self.backoff
 
     async def run(self) -> None:
+        last_round = -math.inf
         while True:
             period = self.session.config.get("damon_read_ms") / 1000
             if self.idle:
                 self.idle_waits += 1
                 await self.session.wait_for_change(period * MAX_IDLE_ROUNDS)
+                # Still one round a period at most: an operation in progress (a prefetch
+                # without faults) notifies on every batch, and each round would cost
+                # the daemon's thread a scan of the session while the pages go in.
+                await trio.sleep_until(last_round + period)
             else:
                 await trio.sleep(period)
+            last_round = trio.current_time()
             try:
                 await self.step()
             except OSError as e:

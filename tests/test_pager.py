@@ -12,13 +12,21 @@ import trio
 
 from helpers import c_target, py_target, wait_for
 
-from memfs import core, selection
+from memfs import core, pager, selection
 
 MB = 1024 * 1024
 
 
 def session(daemon, target):
     return daemon.sessions[target.session_id]
+
+
+def chunks_of(monkeypatch, pages: int | None) -> None:
+    """Operations in chunks of `pages` (None: as shipped), so that even a
+    small target keeps both of an operation's workers busy (Pager._spread)."""
+    if pages:
+        monkeypatch.setattr(pager, "CHUNK_PAGES", pages)
+        monkeypatch.setattr(pager, "PREFETCH_CHUNK_PAGES", pages)
 
 
 @pytest.mark.parametrize("kind", ["c", "python"])
@@ -52,6 +60,21 @@ async def test_evict_all_frees_memory_and_restores_every_byte(daemon, sock_path,
     assert c["zero_fill"] == n // 4, "zero pages come back as zero pages, without a blob"
     assert c["restore_ok"] == n - n // 4 and c["restore_fail"] == 0
     assert c["faults_missing"] >= 1
+
+
+async def test_eviction_in_small_chunks_frees_every_page(daemon, sock_path, targets, monkeypatch):
+    """An eviction's two workers overlap: one write-protects its chunk while the
+    agent's REMOVE of the other's waits to be read (EAGAIN).  The first must
+    wait for the fault thread and go on, not leave its pages behind."""
+    chunks_of(monkeypatch, 64)
+    t = await targets(c_target(sock_path, 8))
+    s = session(daemon, t)
+    runs = selection.all_runs(s.native)
+    for _ in range(5):
+        res = await s.pager.evict(runs)
+        assert res.done == t.npages, res
+        assert (await s.pager.prefetch(runs)).done == t.npages
+    assert await t.verify() == (t.npages, 0)
 
 
 async def test_compress_keeps_pages_and_evict_of_clean_pages_is_instant(daemon, sock_path, targets):
@@ -155,8 +178,11 @@ async def stress(daemon, t, seconds: float):
     return r, rounds, s.counters()
 
 
-@pytest.mark.parametrize("access_source", ["none", "sampler"])
-async def test_writes_during_eviction_are_never_lost(daemon, sock_path, targets):
+@pytest.mark.parametrize("access_source,chunk_pages", [("none", None), ("sampler", None), ("none", 64)])
+async def test_writes_during_eviction_are_never_lost(daemon, sock_path, targets, monkeypatch, chunk_pages):
+    """In chunks of 64 pages, an eviction's two workers overlap: one compresses
+    (write-protecting) while the agent frees the other's chunk."""
+    chunks_of(monkeypatch, chunk_pages)
     t = await targets(c_target(sock_path, 2))
     r, rounds, c = await stress(daemon, t, 5)
     assert int(r["writes"]) > 10000 and rounds >= 3
@@ -165,9 +191,12 @@ async def test_writes_during_eviction_are_never_lost(daemon, sock_path, targets)
     assert await t.verify() == (t.npages, 0)
 
 
-async def test_stress_catches_lost_writes_without_the_safety(daemon, sock_path, targets, tunables):
+@pytest.mark.parametrize("chunk_pages", [None, 64])
+async def test_stress_catches_lost_writes_without_the_safety(daemon, sock_path, targets, tunables,
+                                                            monkeypatch, chunk_pages):
     """The same stress with held writes switched off must see writes vanish:
     proof that the test above can fail."""
+    chunks_of(monkeypatch, chunk_pages)
     tunables(debug_unsafe_evict=1)
     t = await targets(c_target(sock_path, 2))
     r, rounds, c = await stress(daemon, t, 5)

@@ -6,13 +6,14 @@
  * the kernel agree; reading the target and compressing happen unlocked,
  * so faults are served meanwhile.
  *
- * Compression of a page: mark it COMPRESSING and write-protect it (under
- * the lock), read it with process_vm_readv and compress it (unlocked),
- * then commit the copy only if the page is still RESIDENT and COMPRESSING
+ * Compression of a page: mark it COMPRESSING (under the lock), then
+ * write-protect it, read it with process_vm_readv and compress it
+ * (unlocked), then commit the copy only if the page is still RESIDENT and COMPRESSING
  * (under the lock).  A write in between takes a write-protect fault,
  * whose handler clears COMPRESSING, so a copy older than the page's
- * contents is never committed.  Callers must not compress one page from
- * two threads at once (the daemon runs one operation per session).
+ * contents is never committed.  Two threads may compress at once (the
+ * daemon spreads an operation's chunks over two workers): a page another
+ * thread has marked COMPRESSING is skipped, never compressed twice.
  *
  * Eviction: only CLEAN pages (write-protected, valid copy) become
  * EVICTING; the agent then drops them.  A write to an EVICTING page is
@@ -55,16 +56,28 @@ struct cand {
 	uint8_t kind; /* 0 failed, 1 blob, 2 same-filled, 3 incompressible (no copy) */
 };
 
-/* Write-protect (or unprotect) the candidates in contiguous runs; failed ones get kind 0. */
+/*
+ * Write-protect (or unprotect) the candidates in contiguous runs; failed
+ * ones get kind 0.  Protecting meets EAGAIN while an event of the target's
+ * waits to be read -- most often the REMOVE of the chunk the other worker
+ * just had evicted -- so it waits for the fault thread to read it and tries
+ * again, for a while (WP_EAGAIN_TRIES).  Callers protect without s->lock,
+ * which the fault thread may need before it reads on.
+ */
+#define WP_EAGAIN_TRIES 1000
+#define WP_EAGAIN_WAIT_US 20
+
 static void wp_cands(struct mc_session *s, struct range *r, struct cand *c, int n, bool protect)
 {
 	for (int i = 0; i < n;) {
-		int j = i + 1;
+		int j = i + 1, rc, tries = 0;
 		while (j < n && c[j].idx == c[j - 1].idx + 1)
 			j++;
-		if (wp_range(s, r->start + (c[i].idx << PAGE_SHIFT), (uint64_t)(j - i) << PAGE_SHIFT,
-			     protect) &&
-		    protect)
+		while ((rc = wp_range(s, r->start + (c[i].idx << PAGE_SHIFT),
+				      (uint64_t)(j - i) << PAGE_SHIFT, protect)) == -EAGAIN &&
+		       protect && ++tries < WP_EAGAIN_TRIES && !atomic_load(&s->dead))
+			usleep(WP_EAGAIN_WAIT_US);
+		if (rc && protect)
 			for (int k = i; k < j; k++)
 				c[k].kind = 0;
 		i = j;
@@ -99,10 +112,11 @@ static int compress_batch(struct mc_session *s, struct range *r, uint64_t first,
 		p->flags |= MC_PF_COMPRESSING;
 		c[nc++] = (struct cand){.idx = i, .kind = 1};
 	}
-	wp_cands(s, r, c, nc, true);
 	pthread_mutex_unlock(&s->lock);
 	if (!nc)
 		return 0;
+	/* unlocked, but before the read: a write after this faults and clears COMPRESSING */
+	wp_cands(s, r, c, nc, true);
 
 	for (int i = 0; i < nc; i++) {
 		void *dst = buf + (size_t)i * PAGE;
