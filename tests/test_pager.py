@@ -77,6 +77,23 @@ async def test_eviction_in_small_chunks_frees_every_page(daemon, sock_path, targ
     assert await t.verify() == (t.npages, 0)
 
 
+async def test_an_operation_wakes_the_idle_policy_once_a_period_at_most(daemon, sock_path, targets, tunables):
+    """A prefetch notifies the session on every batch, and nothing faults: an idle
+    policy woken by that must still go round once a period at most, not once a batch
+    (which took most of a CPU from the prefetch)."""
+    t = await targets(c_target(sock_path, 16))
+    s = session(daemon, t)
+    daemon.config.set("damon_read_ms", "100")
+    runs = selection.all_runs(s.native)
+    await s.pager.evict(runs)
+    await wait_for(lambda: s.policy.idle, timeout=10)
+    tunables(debug_prefetch_delay_us=10_000)  # 64 batches of 10 ms over two workers
+    rounds, t0 = s.policy.rounds, trio.current_time()
+    assert (await s.pager.prefetch(runs)).done == t.npages
+    periods = (trio.current_time() - t0) / 0.1
+    assert s.policy.rounds - rounds <= periods + 2, f"{s.policy.rounds - rounds} rounds in {periods:.1f} periods"
+
+
 async def test_compress_keeps_pages_and_evict_of_clean_pages_is_instant(daemon, sock_path, targets):
     t = await targets(c_target(sock_path, 8))
     s = session(daemon, t)
