@@ -27,7 +27,9 @@ async def test_damon_finds_the_cold_part_and_the_policy_evicts_it(fsd, targets):
     hot = HOT_PART
     s = d.session_dir(t.session_id)
     assert flat(s / "stat")["access_source"] == "damon"
-    assert nr_kdamonds() == 1 and (KD / "0" / "state").read_text().strip() == "on"
+    # the source is chosen at once; its kdamond is configured and turned on in a thread
+    await wait_for(lambda: nr_kdamonds() == 1 and (KD / "0" / "state").read_text().strip() == "on",
+                   timeout=30)
     pid_target = int((KD / "0" / "contexts" / "0" / "targets" / "0" / "pid_target").read_text())
     assert pid_target == t.pid
     await wait_cold_part_evicted(d, t, cold, timeout=240, linger=5)
