@@ -344,6 +344,8 @@ def verdict(value: float, goal: float, higher: bool) -> str:
     if met:
         return "met"
     short = (goal / value if higher else value / goal) if value else float("inf")
+    if short < 1.1:  # "1.00x off" next to a ratio printed as the goal itself says nothing
+        return f"missed (by {(short - 1) * 100:.1f} %)"
     return f"missed ({short:.2f}x off)"
 
 
