@@ -9,6 +9,14 @@ For each data set the two systems take turns on a fresh target process
          is written to the session's ctl, then the same two read-backs; then
          `evict` and `prefetch` (the prefetch throughput).
 
+Each read-back and prefetch is timed `--repeat` times (default 3), evicting
+in between, and the median of each figure (throughput, p50, p99, p99.9) is
+reported: on this VM one run of a step can differ from the next by 10-30 %
+in throughput and by more in p99, for reasons of the host's, and one
+unlucky run should not decide a ratio.  Eviction is timed once, the first,
+from resident memory (a second would find memfs's copies still valid).
+The daemon's CPU time covers the whole turn, repetitions included.
+
 Fresh memory is warmed before every timed step, for both systems alike
 (`warm_free_memory`): this VM hands free guest pages back to its host
 (virtio-balloon free page reporting), and the first touch of such a page
@@ -34,6 +42,7 @@ import csv
 import io
 import mmap
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,6 +74,7 @@ def progress(msg: str) -> None:
 
 
 WARM = True
+REPEAT = 3  # read-backs and prefetches per system and data set; the median is reported
 
 
 def warm_free_memory(mb: int) -> None:
@@ -231,16 +241,18 @@ class Result:
     verify_bad: int = -1
 
 
-def touch_us(answer: dict[str, str], key: str) -> float:
-    return int(answer[key]) / 1000
+def median_of(answers: list[dict[str, str]], key: str) -> float:
+    """The median of one figure over the repetitions (each figure on its own)."""
+    return statistics.median(int(a[key]) for a in answers)
 
 
-def fill_touches(r: Result, seq: dict, rnd: dict, npages: int) -> None:
-    r.seq_restore_ms = int(seq["wall_ns"]) / 1e6
-    r.seq_restore_gbps = npages * PAGE / (int(seq["wall_ns"]) / 1e9) / 1e9
-    r.seq_us_per_page = int(seq["wall_ns"]) / 1000 / npages
-    r.rand_touches = int(rnd["n"])
-    r.rand_p50_us, r.rand_p99_us, r.rand_p999_us = (touch_us(rnd, k) for k in ("p50", "p99", "p999"))
+def fill_touches(r: Result, seqs: list[dict], rnds: list[dict], npages: int) -> None:
+    wall_ns = median_of(seqs, "wall_ns")
+    r.seq_restore_ms = wall_ns / 1e6
+    r.seq_restore_gbps = npages * PAGE / (wall_ns / 1e9) / 1e9
+    r.seq_us_per_page = wall_ns / 1000 / npages
+    r.rand_touches = int(rnds[0]["n"])
+    r.rand_p50_us, r.rand_p99_us, r.rand_p999_us = (median_of(rnds, k) / 1000 for k in ("p50", "p99", "p999"))
 
 
 def run_zram(dataset: str, mb: int, nrand: int, zram: Zram) -> Result:
@@ -257,15 +269,21 @@ def run_zram(dataset: str, mb: int, nrand: int, zram: Zram) -> Result:
         r.evict_cpu_ms = (t.cpu() - c0) * 1000
         r.evict_ms = int(out["wall_ns"]) / 1e6
         after, z1 = t.status(), zram.mm_stat()
-        warm_free_memory(mb)
-        c0 = t.cpu()
-        seq = t.cmd("touch seq")
-        r.seq_cpu_ms = (t.cpu() - c0) * 1000
-        readback = t.status()
-        t.cmd("pageout")
-        warm_free_memory(nrand * PAGE >> 20)
-        rnd = t.cmd(f"touch rand {nrand} 7")
-        fill_touches(r, seq, rnd, npages)
+        seqs, seq_cpu, rnds = [], [], []
+        for i in range(REPEAT):
+            if i:
+                t.cmd("pageout")
+            warm_free_memory(mb)
+            c0 = t.cpu()
+            seqs.append(t.cmd("touch seq"))
+            seq_cpu.append(t.cpu() - c0)
+            if not i:
+                readback = t.status()
+            t.cmd("pageout")
+            warm_free_memory(nrand * PAGE >> 20)
+            rnds.append(t.cmd(f"touch rand {nrand} {7 + i}"))
+        r.seq_cpu_ms = statistics.median(seq_cpu) * 1000
+        fill_touches(r, seqs, rnds, npages)
         r.verify_bad = int(t.cmd("verify")["bad"])
         r.vmhwm_kb = t.status()["VmHWM"] // 1024
     finally:
@@ -293,18 +311,26 @@ def run_memfs(dataset: str, mb: int, nrand: int, memfs: Memfs) -> Result:
         r.evict_ms = memfs.ctl(sid, "evict") * 1000
         r.evict_cpu_ms = (t.cpu() + memfs.cpu() - c0) * 1000
         after, d1, st = t.status(), memfs.status(), memfs.session_stat(sid)
-        warm_free_memory(mb)
-        c0 = t.cpu() + memfs.cpu()
-        seq = t.cmd("touch seq")
-        r.seq_cpu_ms = (t.cpu() + memfs.cpu() - c0) * 1000
-        readback = t.status()
-        memfs.ctl(sid, "evict")
-        warm_free_memory(nrand * PAGE >> 20)
-        rnd = t.cmd(f"touch rand {nrand} 7")
-        fill_touches(r, seq, rnd, npages)
-        memfs.ctl(sid, "evict")
-        warm_free_memory(mb)
-        r.prefetch_ms = memfs.ctl(sid, "prefetch") * 1000
+        seqs, seq_cpu, rnds, prefetches = [], [], [], []
+        for i in range(REPEAT):
+            if i:
+                memfs.ctl(sid, "evict")
+            warm_free_memory(mb)
+            c0 = t.cpu() + memfs.cpu()
+            seqs.append(t.cmd("touch seq"))
+            seq_cpu.append(t.cpu() + memfs.cpu() - c0)
+            if not i:
+                readback = t.status()
+            memfs.ctl(sid, "evict")
+            warm_free_memory(nrand * PAGE >> 20)
+            rnds.append(t.cmd(f"touch rand {nrand} {7 + i}"))
+        r.seq_cpu_ms = statistics.median(seq_cpu) * 1000
+        fill_touches(r, seqs, rnds, npages)
+        for _ in range(REPEAT):
+            memfs.ctl(sid, "evict")
+            warm_free_memory(mb)
+            prefetches.append(memfs.ctl(sid, "prefetch"))
+        r.prefetch_ms = statistics.median(prefetches) * 1000
         r.prefetch_gbps = mb * 1048576 / (r.prefetch_ms / 1000) / 1e9
         r.verify_bad = int(t.cmd("verify")["bad"])
         r.vmhwm_kb = t.status()["VmHWM"] // 1024
@@ -445,9 +471,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="a daemon setting for the memfs side (as memfs serve --NAME VALUE), repeatable")
     p.add_argument("--no-warm", action="store_true",
                    help="do not warm free memory before each timed step (see the module docstring)")
+    p.add_argument("--repeat", type=int, help="times each read-back and prefetch is timed, the median "
+                   "reported (default 3; 1 with --quick)")
     args = p.parse_args(argv)
-    global WARM
+    global WARM, REPEAT
     WARM = not args.no_warm
+    REPEAT = args.repeat or (1 if args.quick else 3)
+    if REPEAT < 1:
+        p.error("--repeat must be at least 1")
     mb = args.mb or (16 if args.quick else 1024)
     datasets = [d for d in args.datasets.split(",") if d]
     if bad := [d for d in datasets if d not in DATASETS]:
@@ -475,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
                 for system in ("zram", "memfs"):
                     step += 1
                     progress(f"[{step}/{steps}] {ds} {mb} MiB on {system}: fill, evict, read back in order "
-                             f"and {nrand} pages at random{', prefetch' if system == 'memfs' else ''}")
+                             f"and {nrand} pages at random{', prefetch' if system == 'memfs' else ''}"
+                             f"{f' ({REPEAT} times each)' if REPEAT > 1 else ''}")
                     r = run_zram(ds, mb, nrand, zram) if system == "zram" else run_memfs(ds, mb, nrand, memfs)
                     progress(f"      evict {r.evict_mbps:.0f} MB/s, read back {r.seq_restore_gbps:.2f} GB/s, "
                              f"random p50 {r.rand_p50_us:.1f} us, saved {r.saved_kb / 1024:.0f} MiB, "
@@ -511,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
             f"- command: `{command.strip()}`\n- date: {time.strftime('%Y-%m-%d %H:%M %Z')}\n"
             f"- machine: {machine()}\n"
             f"- free memory warmed before each timed step: {'yes' if WARM else 'no (--no-warm)'}\n- data: {mb} MiB per data set; random reads: {nrand} distinct pages\n"
+            f"- read-backs and prefetches: each timed {REPEAT} {'time' if REPEAT == 1 else 'times'}, the median "
+            "of each figure reported (eviction: once, from resident memory)\n"
             f"- memfs daemon: `memfs serve --access-source none --policy off {' '.join(settings)}` (defaults otherwise)\n"
             "- zram: zram0, lz4, the only swap; eviction is MADV_PAGEOUT of the region\n\n"
             + report + "\nThe raw numbers are in `results.csv` next to this file. How each number is taken: "

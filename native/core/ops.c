@@ -4,12 +4,14 @@
  * These run on Python's worker threads, never on the fault thread, and
  * take s->lock only to change states together with the ioctl that makes
  * the kernel agree; reading the target and compressing happen unlocked,
- * so faults are served meanwhile.
+ * so faults are served meanwhile, and so does write-protecting pages to
+ * compress (below), which may have to wait for the fault thread.
  *
  * Compression of a page: mark it COMPRESSING (under the lock), then
  * write-protect it, read it with process_vm_readv and compress it
- * (unlocked), then commit the copy only if the page is still RESIDENT and COMPRESSING
- * (under the lock).  A write in between takes a write-protect fault,
+ * (unlocked), then commit the copy only if the page is still RESIDENT
+ * and COMPRESSING (under the lock).  A write before the protection is in
+ * what is read; a write after it takes a write-protect fault,
  * whose handler clears COMPRESSING, so a copy older than the page's
  * contents is never committed.  Two threads may compress at once (the
  * daemon spreads an operation's chunks over two workers): a page another
