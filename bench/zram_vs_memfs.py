@@ -1,7 +1,9 @@
 """memfs and zram side by side: the same data, the same target, one run.
 
-For each data set the two systems take turns on a fresh target process
-(native/build/memfs-target) holding the data:
+For each data set each system has a fresh target process
+(native/build/memfs-target) holding the data, the two alive together, and
+their steps alternate (`run_pair`): zram's eviction, memfs's, zram's
+in-order read-back, memfs's, and so on.  What each does:
 
   zram   zram0 is swap (lz4); the target MADV_PAGEOUTs its region, then reads
          it back in order, pages it out again and reads pages in random order.
@@ -15,7 +17,8 @@ reported: on this VM one run of a step can differ from the next by 10-30 %
 in throughput and by more in p99, for reasons of the host's, and one
 unlucky run should not decide a ratio.  Eviction is timed once, the first,
 from resident memory (a second would find memfs's copies still valid).
-The daemon's CPU time covers the whole turn, repetitions included.
+The daemon's CPU time covers all of its steps on the data set, repetitions
+included (it idles through zram's).
 
 Fresh memory is warmed before every timed step, for both systems alike
 (`warm_free_memory`): this VM hands free guest pages back to its host
@@ -255,8 +258,9 @@ def fill_touches(r: Result, seqs: list[dict], rnds: list[dict], npages: int) -> 
     r.rand_p50_us, r.rand_p99_us, r.rand_p999_us = (median_of(rnds, k) / 1000 for k in ("p50", "p99", "p999"))
 
 
-def run_zram(dataset: str, mb: int, nrand: int, zram: Zram) -> Result:
-    r = Result(dataset, "zram", mb)
+def zram_steps(r: Result, nrand: int, zram: Zram):
+    """zram's turn on one data set, a step at a time (see `run_pair`); fills `r`."""
+    dataset, mb = r.dataset, r.mb
     t = Target(mb, dataset, None)
     try:
         npages = int(t.info["pages"])
@@ -269,6 +273,7 @@ def run_zram(dataset: str, mb: int, nrand: int, zram: Zram) -> Result:
         r.evict_cpu_ms = (t.cpu() - c0) * 1000
         r.evict_ms = int(out["wall_ns"]) / 1e6
         after, z1 = t.status(), zram.mm_stat()
+        yield "evicted"
         seqs, seq_cpu, rnds = [], [], []
         for i in range(REPEAT):
             if i:
@@ -279,9 +284,11 @@ def run_zram(dataset: str, mb: int, nrand: int, zram: Zram) -> Result:
             seq_cpu.append(t.cpu() - c0)
             if not i:
                 readback = t.status()
+            yield "read back in order"
             t.cmd("pageout")
             warm_free_memory(nrand * PAGE >> 20)
             rnds.append(t.cmd(f"touch rand {nrand} {7 + i}"))
+            yield "read at random"
         r.seq_cpu_ms = statistics.median(seq_cpu) * 1000
         fill_touches(r, seqs, rnds, npages)
         r.verify_bad = int(t.cmd("verify")["bad"])
@@ -296,11 +303,11 @@ def run_zram(dataset: str, mb: int, nrand: int, zram: Zram) -> Result:
     r.compressed_bytes = z1["compr_data_size"] - z0["compr_data_size"]
     r.stored_bytes = z1["mem_used_total"] - z0["mem_used_total"]
     r.ratio = mb * 1048576 / max(1, r.compressed_bytes)
-    return r
 
 
-def run_memfs(dataset: str, mb: int, nrand: int, memfs: Memfs) -> Result:
-    r = Result(dataset, "memfs", mb)
+def memfs_steps(r: Result, nrand: int, memfs: Memfs):
+    """memfs's turn on one data set, a step at a time (see `run_pair`); fills `r`."""
+    dataset, mb = r.dataset, r.mb
     d0, cpu0 = memfs.status(), memfs.cpu()
     t = Target(mb, dataset, memfs.sock)
     try:
@@ -311,6 +318,7 @@ def run_memfs(dataset: str, mb: int, nrand: int, memfs: Memfs) -> Result:
         r.evict_ms = memfs.ctl(sid, "evict") * 1000
         r.evict_cpu_ms = (t.cpu() + memfs.cpu() - c0) * 1000
         after, d1, st = t.status(), memfs.status(), memfs.session_stat(sid)
+        yield "evicted"
         seqs, seq_cpu, rnds, prefetches = [], [], [], []
         for i in range(REPEAT):
             if i:
@@ -321,15 +329,18 @@ def run_memfs(dataset: str, mb: int, nrand: int, memfs: Memfs) -> Result:
             seq_cpu.append(t.cpu() + memfs.cpu() - c0)
             if not i:
                 readback = t.status()
+            yield "read back in order"
             memfs.ctl(sid, "evict")
             warm_free_memory(nrand * PAGE >> 20)
             rnds.append(t.cmd(f"touch rand {nrand} {7 + i}"))
+            yield "read at random"
         r.seq_cpu_ms = statistics.median(seq_cpu) * 1000
         fill_touches(r, seqs, rnds, npages)
         for _ in range(REPEAT):
             memfs.ctl(sid, "evict")
             warm_free_memory(mb)
             prefetches.append(memfs.ctl(sid, "prefetch"))
+            yield "prefetched"
         r.prefetch_ms = statistics.median(prefetches) * 1000
         r.prefetch_gbps = mb * 1048576 / (r.prefetch_ms / 1000) / 1e9
         r.verify_bad = int(t.cmd("verify")["bad"])
@@ -345,7 +356,25 @@ def run_memfs(dataset: str, mb: int, nrand: int, memfs: Memfs) -> Result:
     r.compressed_bytes = st["store_bytes_compressed"]
     r.stored_bytes = st["store_bytes_used"]
     r.ratio = mb * 1048576 / max(1, r.compressed_bytes)
-    return r
+
+
+def run_pair(dataset: str, mb: int, nrand: int, zram: Zram, memfs: Memfs) -> list[Result]:
+    """Both systems on one data set, their steps in alternation: zram's eviction,
+    then memfs's, zram's read-back, then memfs's, and so on.  A spell of the
+    host's slowness then meets both alike, not whichever system's turn it fell in."""
+    results = [Result(dataset, "zram", mb), Result(dataset, "memfs", mb)]
+    turns = [("zram", zram_steps(results[0], nrand, zram)), ("memfs", memfs_steps(results[1], nrand, memfs))]
+    try:
+        while turns:
+            for turn in list(turns):
+                try:
+                    progress(f"      {turn[0]}: {next(turn[1])}")
+                except StopIteration:
+                    turns.remove(turn)
+    finally:
+        for _, steps in turns:  # a failed or interrupted run still closes every target
+            steps.close()
+    return results
 
 
 # -- goals ------------------------------------------------------------------------
@@ -495,22 +524,18 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = "memfs bench " + " ".join(argv if argv is not None else sys.argv[1:])
     results: list[Result] = []
-    steps = len(datasets) * 2
     try:
         if "real" in datasets:
             progress(f"capturing the real data set ({mb} MiB of a CPython heap) unless cached")
             realdata.image(mb)
         with Zram(mb * 1048576 * 2 + (64 << 20)) as zram, Memfs(settings) as memfs:
-            step = 0
-            for ds in datasets:
-                for system in ("zram", "memfs"):
-                    step += 1
-                    progress(f"[{step}/{steps}] {ds} {mb} MiB on {system}: fill, evict, read back in order "
-                             f"and {nrand} pages at random{', prefetch' if system == 'memfs' else ''}"
-                             f"{f' ({REPEAT} times each)' if REPEAT > 1 else ''}")
-                    r = run_zram(ds, mb, nrand, zram) if system == "zram" else run_memfs(ds, mb, nrand, memfs)
-                    progress(f"      evict {r.evict_mbps:.0f} MB/s, read back {r.seq_restore_gbps:.2f} GB/s, "
-                             f"random p50 {r.rand_p50_us:.1f} us, saved {r.saved_kb / 1024:.0f} MiB, "
+            times = f" ({REPEAT} times each)" if REPEAT > 1 else ""
+            for k, ds in enumerate(datasets, 1):
+                progress(f"[{k}/{len(datasets)}] {ds} {mb} MiB, zram and memfs in alternation: fill, evict, "
+                         f"read back in order and {nrand} pages at random{times}; memfs prefetch{times}")
+                for r in run_pair(ds, mb, nrand, zram, memfs):
+                    progress(f"      {r.system}: evict {r.evict_mbps:.0f} MB/s, read back {r.seq_restore_gbps:.2f} "
+                             f"GB/s, random p50 {r.rand_p50_us:.1f} us, saved {r.saved_kb / 1024:.0f} MiB, "
                              f"verify {'ok' if r.verify_bad == 0 else 'FAILED'}")
                     results.append(r)
         idle = None
