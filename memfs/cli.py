@@ -9,6 +9,7 @@ import sys
 
 from . import __version__, protocol
 from .config import SETTINGS
+from .errors import first_oserror
 
 DEFAULT_MOUNTPOINT = "/run/predicomp"
 
@@ -62,18 +63,6 @@ def cmd_serve(args) -> int:
         print(f"memfs serve: {err.strerror or err}", file=sys.stderr)
         return 1
     return 0
-
-
-def first_oserror(e: BaseException) -> OSError | None:
-    """The OSError inside (possibly nested) exception groups: what to tell the user."""
-    if isinstance(e, OSError):
-        return e
-    if isinstance(e, BaseExceptionGroup):
-        for sub in e.exceptions:
-            found = first_oserror(sub)
-            if found is not None:
-                return found
-    return None
 
 
 def cmd_demo(args) -> int:

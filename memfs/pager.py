@@ -24,6 +24,7 @@ import trio
 
 from . import protocol
 from .core import NativeSession, OpResult, Run
+from .errors import first_oserror
 
 log = logging.getLogger("memfs.pager")
 
@@ -131,9 +132,17 @@ class Pager:
             for chunk in chunks:
                 total.merge(await work(chunk))
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(WORKERS):
-                nursery.start_soon(worker)
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(WORKERS):
+                    nursery.start_soon(worker)
+        except BaseExceptionGroup as group:
+            # a worker's error (the session ended, ...) is the operation's: a ctl
+            # write must fail with its errno, and a group would only be EIO there
+            err = first_oserror(group)
+            if err is None:
+                raise
+            raise err from None
         return total
 
     # -- operations ------------------------------------------------------------

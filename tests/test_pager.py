@@ -288,6 +288,23 @@ async def test_target_killed_mid_eviction_leaves_daemon_healthy(daemon, sock_pat
     assert await t2.verify() == (t2.npages, 0)
 
 
+async def test_an_operation_fails_with_its_workers_error_not_a_group(daemon, sock_path, targets):
+    """An operation's two workers meet the same end (a target killed mid-eviction
+    fails the native call with ESRCH).  The caller -- a ctl write, whose errno the
+    shell prints -- must get that OSError, not an exception group, which the
+    filesystem can only report as EIO."""
+    t = await targets(c_target(sock_path, 2))
+    s = session(daemon, t)
+
+    async def work(chunk):
+        await trio.sleep(0)
+        raise OSError(errno.ESRCH, "the target is gone")
+
+    with pytest.raises(OSError) as e:
+        await s.pager._spread([[1], [2], [3]], work)
+    assert e.value.errno == errno.ESRCH
+
+
 async def test_sixteen_targets_at_once(daemon, sock_path, targets):
     ts = []
     async with trio.open_nursery() as nursery:
