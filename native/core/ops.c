@@ -404,6 +404,7 @@ static void restored_batch(struct mc_session *s, struct range *r, uint64_t first
 			   const bool *was_out, bool final, struct mc_op_result *res)
 {
 	uint64_t restored = 0;
+	uint32_t now = (uint32_t)mc_now_ms();
 	for (uint64_t k = 0; k < n; k++) {
 		struct page *p = &r->pages[first + k];
 		if (final && p->state == MC_CLEAN) {
@@ -414,7 +415,7 @@ static void restored_batch(struct mc_session *s, struct range *r, uint64_t first
 			continue;
 		if (p->state == MC_CLEAN || p->state == MC_RESIDENT) {
 			restored++;
-			p->stamp_ms = (uint32_t)mc_now_ms(); /* restored: as good as used */
+			p->stamp_ms = now; /* restored: as good as used */
 			p->flags &= (uint8_t)~MC_PF_PREFETCH_PENDING;
 			if (!final)
 				p->flags |= MC_PF_PREFETCHED;
