@@ -18,6 +18,9 @@
  *                          e.g. zram, takes it); answers the time it took
  *   hot FIRST COUNT        a thread keeps using those pages (reads and rewrites a word
  *                          of each, every few ms) without changing them; "hot off" stops it
+ *   gaps SECONDS           spin, reading the clock, and report the gaps over 10 us: how
+ *                          often, and for how long, the machine takes a busy CPU away
+ *                          (timer ticks, the host); a fault that meets one is that much slower
  *   stop | exit
  *
  * MEMFS_TARGET_DEBUG=1 makes stress report the first lost write of each writer on stderr.
@@ -292,6 +295,8 @@ static int load_data(const char *path)
 	return 0;
 }
 
+#define GAP_NS 10000u /* a clock read takes tens of ns: anything this long is the machine's */
+
 static int cmp_u64(const void *a, const void *b)
 {
 	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
@@ -334,6 +339,27 @@ static void cmd_touch(const char *how, size_t n, uint64_t s)
 	       n, t_all, lat[n / 2], lat[n * 99 / 100], lat[n * 999 / 1000], lat[n - 1], sum / n);
 	free(lat);
 	free(order);
+}
+
+/* Spin for `seconds` and time what interrupts a running thread (see `gaps` above). */
+static void cmd_gaps(double seconds)
+{
+	size_t cap = 1 << 16, n = 0;
+	uint64_t *gap = malloc(cap * sizeof *gap), lost = 0;
+	uint64_t start = now_ns(), end = start + (uint64_t)(seconds * 1e9), prev = start, t;
+	while ((t = now_ns()) < end) {
+		if (t - prev > GAP_NS) {
+			lost += t - prev;
+			if (n < cap)
+				gap[n++] = t - prev;
+		}
+		prev = t;
+	}
+	qsort(gap, n, sizeof *gap, cmp_u64);
+	printf("GAPS seconds=%.3f n=%zu per_s=%.0f p50_ns=%" PRIu64 " p90_ns=%" PRIu64 " lost_ppm=%.0f\n",
+	       seconds, n, n / seconds, n ? gap[n / 2] : 0, n ? gap[n * 9 / 10] : 0,
+	       lost / (seconds * 1e9) * 1e6);
+	free(gap);
 }
 
 int main(int argc, char **argv)
@@ -434,6 +460,8 @@ int main(int argc, char **argv)
 			for (size_t i = x; i < x + y && !rc; i++)
 				expect[i] = fnv(zero, PAGE);
 			printf("DISCARD rc=%d\n", rc);
+		} else if (sscanf(line, "gaps %lf", &d) == 1 && d > 0 && d <= 60) {
+			cmd_gaps(d);
 		} else if (sscanf(line, "stress %lf %lu", &d, &x) == 2) {
 			cmd_stress(d, (unsigned)x);
 		} else if (sscanf(line, "touch %31s %lu %lu", a, &x, &z) >= 1) {
