@@ -94,6 +94,22 @@ async def test_an_operation_wakes_the_idle_policy_once_a_period_at_most(daemon, 
     assert s.policy.rounds - rounds <= periods + 2, f"{s.policy.rounds - rounds} rounds in {periods:.1f} periods"
 
 
+async def test_oldest_first_selection_counts_only_pages_it_may_take(daemon, sock_path, targets):
+    """The policy's selection, oldest first and capped, skipping pages whose compression
+    did not pay: when all of the oldest pages are such pages, the cap must still be
+    filled from younger ones (the age classes are counted over the pages taken)."""
+    t = await targets(c_target(sock_path, 1))  # mixed: every fourth page is random
+    s = session(daemon, t)
+    await s.pager.compress(selection.all_runs(s.native))  # the rest turns clean
+    await trio.sleep(0.6)  # the random pages, still resident, are now in an older age class
+    for i in range(1, 64, 4):
+        await t.command(f"write {i} 170")  # young, resident, never tried
+    resident = core.STATE_BITS["resident"]
+    assert s.native.select(None, resident, skip_incompressible=True)[1] == 16
+    runs, n = s.native.select(None, resident, max_pages=4, order=1, skip_incompressible=True)
+    assert n == 4 and all(first % 4 == 1 for _, first, _ in runs), runs
+
+
 async def test_compress_keeps_pages_and_evict_of_clean_pages_is_instant(daemon, sock_path, targets):
     t = await targets(c_target(sock_path, 8))
     s = session(daemon, t)

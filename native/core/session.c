@@ -571,17 +571,24 @@ static inline unsigned age_bucket(uint32_t age)
 	return age ? 32u - (unsigned)__builtin_clz(age) : 0u; /* 0..32 */
 }
 
-/* Pages in `state_mask` states idle at least min_age_ms, by age class (caller holds s->lock). */
-static void age_hist(struct mc_session *s, uint32_t lo, uint32_t hi, uint32_t state_mask,
-		     uint32_t min_age_ms, uint32_t now, uint64_t *hist)
+/* Is the page in one of `state_mask` states, idle at least min_age_ms, without any of `skip_flags`? */
+static bool page_selected(struct mc_session *s, const struct page *p, uint32_t state_mask,
+			  uint32_t min_age_ms, uint32_t skip_flags, uint32_t now, uint32_t *age)
 {
+	*age = now - page_stamp(s, p);
+	return (state_mask >> p->state) & 1 && *age >= min_age_ms && !(p->flags & skip_flags);
+}
+
+/* The pages page_selected() takes, by age class (caller holds s->lock). */
+static void age_hist(struct mc_session *s, uint32_t lo, uint32_t hi, uint32_t state_mask,
+		     uint32_t min_age_ms, uint32_t skip_flags, uint32_t now, uint64_t *hist)
+{
+	uint32_t age;
 	for (uint32_t ri = lo; ri < hi; ri++)
-		for (uint64_t j = 0; j < s->ranges[ri].npages; j++) {
-			struct page *p = &s->ranges[ri].pages[j];
-			uint32_t age = now - page_stamp(s, p);
-			if ((state_mask >> p->state) & 1 && age >= min_age_ms)
+		for (uint64_t j = 0; j < s->ranges[ri].npages; j++)
+			if (page_selected(s, &s->ranges[ri].pages[j], state_mask, min_age_ms, skip_flags, now,
+					  &age))
 				hist[age_bucket(age)]++;
-		}
 }
 
 int mc_age_hist(struct mc_session *s, int32_t range, uint32_t state_mask, uint32_t min_age_ms,
@@ -592,7 +599,7 @@ int mc_age_hist(struct mc_session *s, int32_t range, uint32_t state_mask, uint32
 		return -ERANGE;
 	memset(out, 0, MC_AGE_CLASSES * sizeof *out);
 	pthread_mutex_lock(&s->lock);
-	age_hist(s, lo, hi, state_mask, min_age_ms, (uint32_t)mc_now_ms(), out);
+	age_hist(s, lo, hi, state_mask, min_age_ms, 0, (uint32_t)mc_now_ms(), out);
 	pthread_mutex_unlock(&s->lock);
 	return 0;
 }
@@ -622,7 +629,7 @@ int64_t mc_select(struct mc_session *s, int32_t range, uint32_t state_mask, uint
 	pthread_mutex_lock(&s->lock);
 	if (order && max_pages != UINT64_MAX) {
 		uint64_t acc = 0;
-		age_hist(s, lo, hi, state_mask, min_age_ms, now, hist);
+		age_hist(s, lo, hi, state_mask, min_age_ms, skip_flags, now, hist); /* what the pass below takes */
 		for (int k = 0; k < MC_AGE_CLASSES && acc < max_pages; k++) {
 			cut = order > 0 ? MC_AGE_CLASSES - 1 - k : k;
 			acc += hist[cut];
@@ -632,9 +639,8 @@ int64_t mc_select(struct mc_session *s, int32_t range, uint32_t state_mask, uint
 	for (uint32_t ri = lo; ri < hi && taken < max_pages; ri++) {
 		struct range *r = &s->ranges[ri];
 		for (uint64_t j = 0; j < r->npages && taken < max_pages; j++) {
-			struct page *p = &r->pages[j];
-			uint32_t age = now - page_stamp(s, p);
-			if (!((state_mask >> p->state) & 1) || age < min_age_ms || (p->flags & skip_flags))
+			uint32_t age;
+			if (!page_selected(s, &r->pages[j], state_mask, min_age_ms, skip_flags, now, &age))
 				continue;
 			if (cut >= 0) {
 				int b = (int)age_bucket(age);
