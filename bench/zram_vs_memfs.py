@@ -266,12 +266,45 @@ def fill_touches(r: Result, seqs: list[dict], rnds: list[dict], npages: int) -> 
     r.rand_p50_us, r.rand_p99_us, r.rand_p999_us = (median_of(rnds, k) / 1000 for k in ("p50", "p99", "p999"))
 
 
+def evicted(r: Result, before: dict, after: dict, holder: int, compressed: int, stored: int) -> None:
+    """The eviction's figures: throughput, and memory saved (the target's RSS drop
+    minus `holder`, the bytes the system holds the data in)."""
+    r.evict_mbps = r.mb * 1048576 / (r.evict_ms / 1000) / 1e6
+    r.rss_before_kb, r.rss_after_evict_kb = before["RssAnon"] // 1024, after["RssAnon"] // 1024
+    r.holder_kb = holder // 1024
+    r.saved_kb = r.rss_before_kb - r.rss_after_evict_kb - r.holder_kb
+    r.compressed_bytes, r.stored_bytes = compressed, stored
+    r.ratio = r.mb * 1048576 / max(1, compressed)
+
+
+def read_backs(r: Result, t: Target, nrand: int, evict, cpu):
+    """The read-backs both systems are timed on, REPEAT times: all pages in order,
+    then (evicted again by `evict()`) `nrand` at random; `cpu()` is what the system
+    spends.  A step at a time; fills `r`'s touch figures and RSS after read-back."""
+    seqs, seq_cpu, rnds = [], [], []
+    for i in range(REPEAT):
+        if i:
+            evict()
+        warm_free_memory(r.mb)
+        c0 = cpu()
+        seqs.append(t.cmd("touch seq"))
+        seq_cpu.append(cpu() - c0)
+        if not i:
+            r.rss_after_readback_kb = t.status()["RssAnon"] // 1024
+        yield "read back in order"
+        evict()
+        warm_free_memory(nrand * PAGE >> 20)
+        rnds.append(t.cmd(f"touch rand {nrand} {7 + i}"))
+        yield "read at random"
+    r.seq_cpu_ms = statistics.median(seq_cpu) * 1000
+    fill_touches(r, seqs, rnds, int(t.info["pages"]))
+
+
 def zram_steps(r: Result, nrand: int, zram: Zram):
     """zram's turn on one data set, a step at a time (see `run_pair`); fills `r`."""
     dataset, mb = r.dataset, r.mb
     t = Target(mb, dataset, None)
     try:
-        npages = int(t.info["pages"])
         before, z0 = t.status(), zram.mm_stat()
         c0 = t.cpu()
         warm_free_memory(mb)
@@ -282,35 +315,14 @@ def zram_steps(r: Result, nrand: int, zram: Zram):
         r.evict_ms = int(out["wall_ns"]) / 1e6
         after, z1 = t.status(), zram.mm_stat()
         yield "evicted"
-        seqs, seq_cpu, rnds = [], [], []
-        for i in range(REPEAT):
-            if i:
-                t.cmd("pageout")
-            warm_free_memory(mb)
-            c0 = t.cpu()
-            seqs.append(t.cmd("touch seq"))
-            seq_cpu.append(t.cpu() - c0)
-            if not i:
-                readback = t.status()
-            yield "read back in order"
-            t.cmd("pageout")
-            warm_free_memory(nrand * PAGE >> 20)
-            rnds.append(t.cmd(f"touch rand {nrand} {7 + i}"))
-            yield "read at random"
-        r.seq_cpu_ms = statistics.median(seq_cpu) * 1000
-        fill_touches(r, seqs, rnds, npages)
+        yield from read_backs(r, t, nrand, lambda: t.cmd("pageout"), t.cpu)
         r.verify_bad = int(t.cmd("verify")["bad"])
         r.vmhwm_kb = t.status()["VmHWM"] // 1024
     finally:
         t.close()
-    r.evict_mbps = mb * 1048576 / (r.evict_ms / 1000) / 1e6
-    r.rss_before_kb, r.rss_after_evict_kb = before["RssAnon"] // 1024, after["RssAnon"] // 1024
-    r.rss_after_readback_kb = readback["RssAnon"] // 1024
-    r.holder_kb = (z1["mem_used_total"] - z0["mem_used_total"]) // 1024
-    r.saved_kb = r.rss_before_kb - r.rss_after_evict_kb - r.holder_kb
-    r.compressed_bytes = z1["compr_data_size"] - z0["compr_data_size"]
-    r.stored_bytes = z1["mem_used_total"] - z0["mem_used_total"]
-    r.ratio = mb * 1048576 / max(1, r.compressed_bytes)
+    evicted(r, before, after, holder=z1["mem_used_total"] - z0["mem_used_total"],
+            compressed=z1["compr_data_size"] - z0["compr_data_size"],
+            stored=z1["mem_used_total"] - z0["mem_used_total"])
 
 
 def memfs_steps(r: Result, nrand: int, memfs: Memfs):
@@ -319,7 +331,7 @@ def memfs_steps(r: Result, nrand: int, memfs: Memfs):
     d0, cpu0 = memfs.status(), memfs.cpu()
     t = Target(mb, dataset, memfs.sock)
     try:
-        sid, npages = t.info["session"], int(t.info["pages"])
+        sid = t.info["session"]
         before = t.status()
         warm_free_memory(mb)
         c0 = t.cpu() + memfs.cpu()
@@ -327,23 +339,8 @@ def memfs_steps(r: Result, nrand: int, memfs: Memfs):
         r.evict_cpu_ms = (t.cpu() + memfs.cpu() - c0) * 1000
         after, d1, st = t.status(), memfs.status(), memfs.session_stat(sid)
         yield "evicted"
-        seqs, seq_cpu, rnds, prefetches = [], [], [], []
-        for i in range(REPEAT):
-            if i:
-                memfs.ctl(sid, "evict")
-            warm_free_memory(mb)
-            c0 = t.cpu() + memfs.cpu()
-            seqs.append(t.cmd("touch seq"))
-            seq_cpu.append(t.cpu() + memfs.cpu() - c0)
-            if not i:
-                readback = t.status()
-            yield "read back in order"
-            memfs.ctl(sid, "evict")
-            warm_free_memory(nrand * PAGE >> 20)
-            rnds.append(t.cmd(f"touch rand {nrand} {7 + i}"))
-            yield "read at random"
-        r.seq_cpu_ms = statistics.median(seq_cpu) * 1000
-        fill_touches(r, seqs, rnds, npages)
+        yield from read_backs(r, t, nrand, lambda: memfs.ctl(sid, "evict"), lambda: t.cpu() + memfs.cpu())
+        prefetches = []
         for _ in range(REPEAT):
             memfs.ctl(sid, "evict")
             warm_free_memory(mb)
@@ -356,14 +353,8 @@ def memfs_steps(r: Result, nrand: int, memfs: Memfs):
     finally:
         t.close()
     r.pager_cpu_s = memfs.cpu() - cpu0
-    r.evict_mbps = mb * 1048576 / (r.evict_ms / 1000) / 1e6
-    r.rss_before_kb, r.rss_after_evict_kb = before["RssAnon"] // 1024, after["RssAnon"] // 1024
-    r.rss_after_readback_kb = readback["RssAnon"] // 1024
-    r.holder_kb = max(0, d1["VmRSS"] - d0["VmRSS"]) // 1024
-    r.saved_kb = r.rss_before_kb - r.rss_after_evict_kb - r.holder_kb
-    r.compressed_bytes = st["store_bytes_compressed"]
-    r.stored_bytes = st["store_bytes_used"]
-    r.ratio = mb * 1048576 / max(1, r.compressed_bytes)
+    evicted(r, before, after, holder=max(0, d1["VmRSS"] - d0["VmRSS"]),
+            compressed=st["store_bytes_compressed"], stored=st["store_bytes_used"])
 
 
 def run_pair(dataset: str, mb: int, nrand: int, zram: Zram, memfs: Memfs) -> list[Result]:
