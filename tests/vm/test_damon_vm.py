@@ -6,7 +6,6 @@ import os
 import signal
 from pathlib import Path
 
-
 from fsutil import flat, hot_and_cold_target, HOT_PART, wait_cold_part_evicted
 from helpers import c_target, wait_for
 
