@@ -110,6 +110,36 @@ async def test_oldest_first_selection_counts_only_pages_it_may_take(daemon, sock
     assert n == 4 and all(first % 4 == 1 for _, first, _ in runs), runs
 
 
+def fault_thread_cpus() -> list[set[int]]:
+    """The CPUs each fault thread (`memfs-fault`) of this process may run on."""
+    out = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() == "memfs-fault":
+                    out.append(os.sched_getaffinity(int(tid)))
+        except OSError:
+            pass  # a thread that just ended
+    return out
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs")
+async def test_the_fault_thread_follows_the_thread_that_faults(daemon, sock_path, targets):
+    """Wherever the target's thread runs, the fault thread goes to that CPU (a
+    cross-CPU wake-up costs more than a fault here); nobody pins it by hand."""
+    t = await targets(c_target(sock_path, 16))
+    s = session(daemon, t)
+    runs = selection.all_runs(s.native)
+    for k, cpu in enumerate((1, 0, 1)):
+        await s.pager.evict(runs)
+        for tid in os.listdir(f"/proc/{t.pid}/task"):
+            os.sched_setaffinity(int(tid), {cpu})
+        await t.command(f"touch rand 1024 {k + 1}")
+        assert {cpu} in fault_thread_cpus(), f"target on CPU {cpu}, fault threads may run on {fault_thread_cpus()}"
+    assert s.counters()["fault_thread_moves"] >= 2
+    assert await t.verify() == (t.npages, 0)
+
+
 async def test_compress_keeps_pages_and_evict_of_clean_pages_is_instant(daemon, sock_path, targets):
     t = await targets(c_target(sock_path, 8))
     s = session(daemon, t)

@@ -39,13 +39,16 @@ struct fault_ctx {
 	uint8_t *scratch;
 	uint32_t last_tid;   /* the thread that faulted last */
 	uint64_t next_place; /* when to look at its CPU again */
+	uint64_t last_look;  /* when we last did */
 	uint64_t run_delay;  /* our schedstat run-queue delay when last looked */
 	uint64_t tid_run;    /* the faulting thread's CPU time then (schedstat) */
 	uint32_t tid_looked; /* ... of this thread */
 	uint64_t backoff_until;
-	long nivcsw;         /* our involuntary context switches after the last drain that faulted */
-	unsigned apart;      /* drains in a row whose answers did not preempt us */
+	long nivcsw;         /* our involuntary context switches when we last went to sleep */
+	unsigned answered;   /* drains since then that answered a fault */
+	bool apart;          /* ... and not each of them made the woken thread preempt us */
 	bool idle;           /* running SCHED_IDLE (following faulting threads) */
+	int pinned;          /* the one CPU we are pinned to, or -1 */
 	cpu_set_t cpus;      /* the affinity we started with */
 	struct retry retry[RETRY_CAP];
 	unsigned nretry;
@@ -391,14 +394,17 @@ static bool drain(struct fault_ctx *fc, struct uffd_msg *msgs, int *err, bool *f
  * idle, so the woken thread stays.  Nobody pins anything by hand.
  *
  * When to look.  Together, the thread we wake preempts us on our way back
- * from the ioctl that woke it (it is not SCHED_IDLE, we are): every drain
- * that answers a fault costs us an involuntary context switch.  Drains in
- * a row without one mean the faulting thread runs elsewhere, and each of
- * its faults now pays two cross-vCPU wake-ups; then we look at once
- * (at most every FOLLOW_NS), instead of waiting for the next PLACE_NS.
- * The scheduler moves threads for its own reasons (another task woke on
- * that CPU) several times a second under load, and a fault every ~15 us
- * makes each slow stretch hundreds of faults long.
+ * from the ioctl that woke it (it is not SCHED_IDLE, we are), and we run
+ * again only when it faults next, with that fault's message waiting: we
+ * never sleep between two of its faults.  Apart, each answer returns at
+ * once and we sleep until the next fault, which then pays two cross-vCPU
+ * wake-ups.  So before we sleep, having answered faults, one
+ * getrusage(RUSAGE_THREAD) tells which (note_apart), and apart we look at
+ * once (at most every FOLLOW_NS) instead of waiting for the next PLACE_NS.  The check costs nothing while
+ * the two run together, the case that must be fast.  The scheduler moves
+ * threads for its own reasons (another task woke on that CPU) several
+ * times a second under load, and a fault every ~15 us makes each slow
+ * stretch hundreds of faults long.
  *
  * The price of SCHED_IDLE: other busy threads on that CPU would starve us.
  * Our run-queue delay (schedstat) tells: above STARVED_NS per PLACE_NS we
@@ -409,7 +415,6 @@ static bool drain(struct fault_ctx *fc, struct uffd_msg *msgs, int *err, bool *f
  */
 #define PLACE_NS 20000000ull
 #define FOLLOW_NS 500000ull
-#define APART_DRAINS 2
 #define STARVED_NS 10000000ull
 #define BACKOFF_NS 200000000ull
 
@@ -442,35 +447,33 @@ static void set_idle_policy(struct fault_ctx *fc, bool idle)
 	if (sched_setscheduler(0, idle ? SCHED_IDLE : SCHED_OTHER, &sp))
 		return;
 	fc->idle = idle;
-	if (!idle) /* the CPUs the daemon was given, again */
-		sched_setaffinity(0, sizeof fc->cpus, &fc->cpus);
+	if (!idle && !sched_setaffinity(0, sizeof fc->cpus, &fc->cpus)) /* the daemon's CPUs, again */
+		fc->pinned = -1;
 }
 
-static void follow_faulting_cpu(struct fault_ctx *fc, bool faulted)
+/*
+ * About to sleep: did the last faults we answered wake a thread on another
+ * CPU?  Together, every drain that answers a fault ends in an involuntary
+ * switch to the thread it woke, so fewer switches than such drains since we
+ * last slept means the last of them did not (other threads preempting us
+ * can only hide a move until the next sleep, not invent one).
+ */
+static void note_apart(struct fault_ctx *fc)
+{
+	struct rusage ru;
+	if (!fc->answered || !fc->idle || getrusage(RUSAGE_THREAD, &ru))
+		return;
+	fc->apart = ru.ru_nivcsw - fc->nivcsw < (long)fc->answered;
+	fc->answered = 0;
+	fc->nivcsw = ru.ru_nivcsw;
+}
+
+/* Every PLACE_NS: are busy threads keeping us waiting? (see "The price of SCHED_IDLE") */
+static void check_starved(struct fault_ctx *fc, uint64_t now)
 {
 	char path[64];
-	uint64_t now = now_ns(), delay, cpu, tid_run, waited;
-	cpu_set_t set;
+	uint64_t delay, tid_run, waited;
 
-	if (!tun.follow_fault_cpu) {
-		if (fc->idle)
-			set_idle_policy(fc, false);
-		return;
-	}
-	if (!fc->last_tid)
-		return;
-	if (fc->idle && faulted) {
-		struct rusage ru;
-		if (!getrusage(RUSAGE_THREAD, &ru)) {
-			fc->apart = ru.ru_nivcsw == fc->nivcsw ? fc->apart + 1 : 0;
-			fc->nivcsw = ru.ru_nivcsw;
-		}
-	}
-	if (now < fc->next_place &&
-	    !(fc->apart >= APART_DRAINS && now >= fc->next_place - PLACE_NS + FOLLOW_NS))
-		return;
-	fc->next_place = now + PLACE_NS;
-	fc->apart = 0;
 	delay = read_u64_field("/proc/thread-self/schedstat", 2);
 	snprintf(path, sizeof path, "/proc/%d/task/%u/schedstat", fc->s->pid, fc->last_tid);
 	tid_run = read_u64_field(path, 1);
@@ -487,15 +490,43 @@ static void follow_faulting_cpu(struct fault_ctx *fc, bool faulted)
 		set_idle_policy(fc, true);
 	}
 	fc->run_delay = delay;
+}
+
+static void follow_faulting_cpu(struct fault_ctx *fc)
+{
+	char path[64];
+	uint64_t now = now_ns(), cpu;
+	int here;
+	bool periodic = now >= fc->next_place;
+	cpu_set_t set;
+
+	if (!tun.follow_fault_cpu) {
+		if (fc->idle)
+			set_idle_policy(fc, false);
+		return;
+	}
+	if (!fc->last_tid || !(periodic || (fc->apart && now >= fc->last_look + FOLLOW_NS)))
+		return;
+	fc->apart = false;
+	fc->last_look = now;
+	if (periodic) {
+		fc->next_place = now + PLACE_NS;
+		check_starved(fc, now);
+	}
 	if (!fc->idle)
 		return;
 	snprintf(path, sizeof path, "/proc/%d/task/%u/stat", fc->s->pid, fc->last_tid);
 	cpu = read_u64_field(path, 39);
-	if (cpu >= CPU_SETSIZE || (int)cpu == sched_getcpu())
+	here = sched_getcpu();
+	if (cpu >= CPU_SETSIZE || ((int)cpu == fc->pinned && (int)cpu == here))
 		return;
+	/* pinned even where we are already: unpinned, the next wake-up may put us elsewhere */
 	CPU_ZERO(&set);
 	CPU_SET((int)cpu, &set);
-	if (!sched_setaffinity(0, sizeof set, &set))
+	if (sched_setaffinity(0, sizeof set, &set))
+		return;
+	fc->pinned = (int)cpu;
+	if ((int)cpu != here)
 		fc->s->c.fault_thread_moves++;
 }
 
@@ -513,6 +544,7 @@ void *fault_main(void *arg)
 		return NULL;
 	}
 	fc->s = s;
+	fc->pinned = -1;
 	/* visible in top -H and /proc/PID/task/TID/comm: which thread serves faults */
 	pthread_setname_np(pthread_self(), "memfs-fault");
 	sched_getaffinity(0, sizeof fc->cpus, &fc->cpus);
@@ -524,7 +556,8 @@ void *fault_main(void *arg)
 		int err = 0, timeout;
 		bool faulted;
 		if (drain(fc, msgs, &err, &faulted)) {
-			follow_faulting_cpu(fc, faulted);
+			fc->answered += faulted;
+			follow_faulting_cpu(fc);
 			if (tun.spin_us)
 				spin_until = now_ns() + (uint64_t)tun.spin_us * 1000u;
 			continue;
@@ -534,6 +567,9 @@ void *fault_main(void *arg)
 			notify(s);
 			break;
 		}
+		note_apart(fc);
+		if (fc->apart)
+			follow_faulting_cpu(fc);
 		/* spin a while after a fault: the next one is likely soon */
 		timeout = fc->nretry ? 1 : -1;
 		if (spin_until) {
