@@ -11,6 +11,13 @@ in-order read-back, memfs's, and so on.  What each does:
          is written to the session's ctl, then the same two read-backs; then
          `evict` and `prefetch` (the prefetch throughput).
 
+  floor  the same random reads, on a fresh region of the same size, served by
+         a bare userfaultfd handler in another process that copies in one
+         constant page and nothing else, both pinned to one CPU (memfs-target
+         `bare`): the least a fault served from user space costs here.  Set
+         against zram it shows how much of the random-fault goals the
+         mechanism alone uses up; against memfs, what memfs adds.
+
 Each read-back and prefetch is timed `--repeat` times (default 3), evicting
 in between, and the median of each figure (throughput, p50, p99, p99.9) is
 reported: on this VM one run of a step can differ from the next by 10-30 %
@@ -262,6 +269,10 @@ def fill_touches(r: Result, seqs: list[dict], rnds: list[dict], npages: int) -> 
     r.seq_restore_ms = wall_ns / 1e6
     r.seq_restore_gbps = npages * PAGE / (wall_ns / 1e9) / 1e9
     r.seq_us_per_page = wall_ns / 1000 / npages
+    fill_random(r, rnds)
+
+
+def fill_random(r: Result, rnds: list[dict]) -> None:
     r.rand_touches = int(rnds[0]["n"])
     r.rand_p50_us, r.rand_p99_us, r.rand_p999_us = (median_of(rnds, k) / 1000 for k in ("p50", "p99", "p999"))
 
@@ -357,17 +368,44 @@ def memfs_steps(r: Result, nrand: int, memfs: Memfs):
             compressed=st["store_bytes_compressed"], stored=st["store_bytes_used"])
 
 
+FLOOR = "uffd-floor"
+
+
+def floor_steps(r: Result, nrand: int):
+    """The floor's turn: the same random read served by a bare userfaultfd handler
+    (memfs-target `bare`: another process, one constant page, both pinned to one
+    CPU), REPEAT times, each in the round of the systems' random reads (it sits
+    out their eviction and in-order read-backs: a None step).  What any user-space
+    pager pays here before doing any work; fills `r`'s random-read figures."""
+    t = Target(r.mb, "none", None)
+    try:
+        rnds = []
+        yield None  # the systems evict
+        for i in range(REPEAT):
+            yield None  # they read back in order
+            warm_free_memory(nrand * PAGE >> 20)
+            rnds.append(t.cmd(f"bare {nrand} {7 + i}"))
+            yield "bare userfaultfd reads at random"
+        r.verify_bad = sum(int(a["bad"]) for a in rnds)
+    finally:
+        t.close()
+    fill_random(r, rnds)
+
+
 def run_pair(dataset: str, mb: int, nrand: int, zram: Zram, memfs: Memfs) -> list[Result]:
     """Both systems on one data set, their steps in alternation: zram's eviction,
-    then memfs's, zram's read-back, then memfs's, and so on.  A spell of the
-    host's slowness then meets both alike, not whichever system's turn it fell in."""
-    results = [Result(dataset, "zram", mb), Result(dataset, "memfs", mb)]
-    turns = [("zram", zram_steps(results[0], nrand, zram)), ("memfs", memfs_steps(results[1], nrand, memfs))]
+    then memfs's, zram's read-back, then memfs's, and so on, with the floor's
+    random reads among them.  A spell of the host's slowness then meets all
+    alike, not whichever system's turn it fell in."""
+    results = [Result(dataset, "zram", mb), Result(dataset, "memfs", mb), Result(dataset, FLOOR, mb)]
+    turns = [("zram", zram_steps(results[0], nrand, zram)), ("memfs", memfs_steps(results[1], nrand, memfs)),
+             (FLOOR, floor_steps(results[2], nrand))]
     try:
         while turns:
             for turn in list(turns):
                 try:
-                    progress(f"      {turn[0]}: {next(turn[1])}")
+                    if (step := next(turn[1])) is not None:
+                        progress(f"      {turn[0]}: {step}")
                 except StopIteration:
                     turns.remove(turn)
     finally:
@@ -419,6 +457,10 @@ def summary_tables(results: list[Result]) -> str:
             "p99.9 us", "prefetch GB/s", "saved MiB", "held MiB", "ratio", "pager CPU s", "verify"]
     rows = [head]
     for r in results:
+        if r.system == FLOOR:
+            rows.append([r.dataset, r.system] + ["-"] * 3 + [f"{r.rand_p50_us:.1f}", f"{r.rand_p99_us:.1f}",
+                         f"{r.rand_p999_us:.1f}"] + ["-"] * 5 + ["ok" if r.verify_bad == 0 else f"{r.verify_bad} bad"])
+            continue
         rows.append([r.dataset, r.system, f"{r.evict_mbps:.0f}", f"{r.seq_restore_gbps:.2f}",
                      f"{r.seq_us_per_page:.2f}", f"{r.rand_p50_us:.1f}", f"{r.rand_p99_us:.1f}",
                      f"{r.rand_p999_us:.1f}", f"{r.prefetch_gbps:.2f}" if r.system == "memfs" else "-",
@@ -436,9 +478,27 @@ def summary_tables(results: list[Result]) -> str:
                           verdict(value, goal, higher)])
         grows.append([ds, "prefetch (absolute, GB/s)", f"{m.prefetch_gbps:.2f}", ">= 2", verdict(m.prefetch_gbps, 2.0, True)])
     out += ["### Ratios memfs/zram and goals\n", table(grows), ""]
+    frows = [["data", "floor p50 us", "floor p99 us", "floor/zram p50", "floor/zram p99",
+              "memfs/floor p50", "memfs/floor p99"]]
+    for ds in dict.fromkeys(r.dataset for r in results):
+        z, m, f = (next((r for r in results if r.dataset == ds and r.system == name), None)
+                   for name in ("zram", "memfs", FLOOR))
+        if z and m and f:
+            frows.append([ds, f"{f.rand_p50_us:.1f}", f"{f.rand_p99_us:.1f}",
+                          f"{f.rand_p50_us / z.rand_p50_us:.2f}", f"{f.rand_p99_us / z.rand_p99_us:.2f}",
+                          f"{m.rand_p50_us / f.rand_p50_us:.2f}", f"{m.rand_p99_us / f.rand_p99_us:.2f}"])
+    if len(frows) > 1:
+        out += ["### The floor: a bare userfaultfd round trip, against zram and memfs\n",
+                "The same random reads, served by a handler in another process that copies in one\n"
+                "constant page and does nothing else, pinned to the reader's CPU (memfs-target `bare`).\n"
+                "No user-space pager can serve a fault faster here; floor/zram is the part of the\n"
+                "random-fault goals that is the mechanism's, memfs/floor the part that is memfs's.\n",
+                table(frows), ""]
     mrows = [["data", "system", "VmRSS before KiB", "after evict KiB", "after readback KiB", "VmHWM KiB",
               "evict wall ms", "evict CPU ms", "readback wall ms", "readback CPU ms"]]
     for r in results:
+        if r.system == FLOOR:
+            continue
         mrows.append([r.dataset, r.system, str(r.rss_before_kb), str(r.rss_after_evict_kb),
                       str(r.rss_after_readback_kb), str(r.vmhwm_kb), f"{r.evict_ms:.0f}", f"{r.evict_cpu_ms:.0f}",
                       f"{r.seq_restore_ms:.0f}", f"{r.seq_cpu_ms:.0f}"])
@@ -552,10 +612,13 @@ def main(argv: list[str] | None = None) -> int:
                 progress(f"[{k}/{len(datasets)}] {ds} {mb} MiB, zram and memfs in alternation: fill, evict, "
                          f"read back in order and {nrand} pages at random{times}; memfs prefetch{times}")
                 for r in run_pair(ds, mb, nrand, zram, memfs):
+                    results.append(r)
+                    if r.system == FLOOR:
+                        progress(f"      {r.system}: random p50 {r.rand_p50_us:.1f} us, p99 {r.rand_p99_us:.1f} us")
+                        continue
                     progress(f"      {r.system}: evict {r.evict_mbps:.0f} MB/s, read back {r.seq_restore_gbps:.2f} "
                              f"GB/s, random p50 {r.rand_p50_us:.1f} us, saved {r.saved_kb / 1024:.0f} MiB, "
                              f"verify {'ok' if r.verify_bad == 0 else 'FAILED'}")
-                    results.append(r)
         idle = None
         if args.idle_sessions:
             # full runs settle past cold_age_ms (30 s), so that the policy's one compression

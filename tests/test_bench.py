@@ -1,4 +1,5 @@
-"""`memfs bench --quick`: both systems run on every data set and every page verifies.
+"""`memfs bench --quick`: both systems and the bare-userfaultfd floor run on every
+data set and every page verifies.
 
 A smoke test only: nothing here asserts a speed (the numbers live in
 bench/BENCHMARKS.md).  It also checks that the machine is put back."""
@@ -27,12 +28,16 @@ def test_quick_bench_runs_both_systems_and_restores_the_machine(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert {(row["dataset"], row["system"]) for row in rows} == {
-        (d, s) for d in ("mixed", "text", "random", "real") for s in ("zram", "memfs")}
+        (d, s) for d in ("mixed", "text", "random", "real") for s in ("zram", "memfs", "uffd-floor")}
+    floors = [row for row in rows if row["system"] == "uffd-floor"]
+    assert all(int(row["verify_bad"]) == 0 and float(row["rand_p50_us"]) > 0 for row in floors), floors
     for row in rows:
+        if row["system"] == "uffd-floor":
+            continue
         assert int(row["verify_bad"]) == 0, row
         assert int(row["rss_after_evict_kb"]) < int(row["rss_before_kb"]) // 4, f"nothing was evicted: {row}"
         assert float(row["seq_restore_gbps"]) > 0 and float(row["rand_p50_us"]) > 0
-    assert "Ratios memfs/zram" in r.stdout
+    assert "Ratios memfs/zram" in r.stdout and "The floor" in r.stdout
     assert not swaps(), "swap left on"
     assert (ZRAM / "initstate").read_text().strip() == "0", "zram0 not reset"
 

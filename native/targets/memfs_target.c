@@ -18,6 +18,10 @@
  *                          e.g. zram, takes it); answers the time it took
  *   hot FIRST COUNT        a thread keeps using those pages (reads and rewrites a word
  *                          of each, every few ms) without changing them; "hot off" stops it
+ *   bare N SEED            the floor under any pager here: N random reads like touch rand,
+ *                          on a fresh region of the same size served by a bare userfaultfd
+ *                          handler in a child process (one constant page, nothing else),
+ *                          both pinned to this CPU; only with --no-start
  *   gaps SECONDS           spin, reading the clock, and report the gaps over 10 us: how
  *                          often, and for how long, the machine takes a busy CPU away
  *                          (timer ticks, the host); a fault that meets one is that much slower
@@ -34,14 +38,21 @@
 #include "predicomp_client.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -303,22 +314,26 @@ static int cmp_u64(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
-/* Touch pages and time each touch: the latency a program sees. */
-static void cmd_touch(const char *how, size_t n, uint64_t s)
+/*
+ * Touch pages of [base, base + np pages) and time each touch, the latency a
+ * program sees; print one line, `tag` first.  `bad` counts pages not
+ * holding `want` (0: not checked).
+ */
+static void time_touches(const char *tag, uint8_t *base, size_t np, bool seq, size_t n, uint64_t s,
+			 uint64_t want)
 {
-	uint64_t *lat, sum = 0, t_all;
+	uint64_t *lat, sum = 0, t_all, bad = 0;
 	size_t *order = NULL;
 	volatile uint64_t sink = 0;
-	bool seq = !strcmp(how, "seq");
-	if (seq || !n || n > npages)
-		n = npages;
+	if (seq || !n || n > np)
+		n = np;
 	lat = malloc(n * sizeof *lat);
 	if (!seq) { /* n distinct pages in random order: a partial Fisher-Yates shuffle */
-		order = malloc(npages * sizeof *order);
-		for (size_t k = 0; k < npages; k++)
+		order = malloc(np * sizeof *order);
+		for (size_t k = 0; k < np; k++)
 			order[k] = k;
 		for (size_t k = 0; k < n; k++) {
-			size_t j = k + splitmix(&s) % (npages - k), t = order[k];
+			size_t j = k + splitmix(&s) % (np - k), t = order[k];
 			order[k] = order[j];
 			order[j] = t;
 		}
@@ -327,18 +342,96 @@ static void cmd_touch(const char *how, size_t n, uint64_t s)
 	for (size_t k = 0; k < n; k++) {
 		size_t pg = seq ? k : order[k];
 		uint64_t t0 = now_ns();
-		sink += *(volatile uint64_t *)(region + pg * PAGE);
+		sink += *(volatile uint64_t *)(base + pg * PAGE);
 		lat[k] = now_ns() - t0;
 		sum += lat[k];
 	}
 	t_all = now_ns() - t_all;
+	for (size_t k = 0; want && k < n; k++)
+		bad += *(uint64_t *)(base + (seq ? k : order[k]) * PAGE) != want;
 	(void)sink;
 	qsort(lat, n, sizeof *lat, cmp_u64);
-	printf("TOUCH n=%zu wall_ns=%" PRIu64 " p50=%" PRIu64 " p99=%" PRIu64 " p999=%" PRIu64
-	       " max=%" PRIu64 " mean=%" PRIu64 "\n",
-	       n, t_all, lat[n / 2], lat[n * 99 / 100], lat[n * 999 / 1000], lat[n - 1], sum / n);
+	printf("%s n=%zu wall_ns=%" PRIu64 " p50=%" PRIu64 " p99=%" PRIu64 " p999=%" PRIu64
+	       " max=%" PRIu64 " mean=%" PRIu64 " bad=%" PRIu64 "\n",
+	       tag, n, t_all, lat[n / 2], lat[n * 99 / 100], lat[n * 999 / 1000], lat[n - 1], sum / n, bad);
 	free(lat);
 	free(order);
+}
+
+/*
+ * The floor under any user-space pager on this machine: the same random
+ * read, on a fresh region of the same size, served by a bare userfaultfd
+ * handler in another process that copies in one constant page and does
+ * nothing else.  Handler and reader are pinned to the reader's CPU, the
+ * handler SCHED_IDLE (the placement memfs's fault thread arrives at on its
+ * own), so this is a round trip at its cheapest.  Only for a target that is
+ * not registered (--no-start): its fork must not reach a daemon.
+ */
+static void cmd_bare(size_t n, uint64_t s)
+{
+	const uint64_t fill = 0x5a5a5a5a5a5a5a5aull;
+	struct uffdio_api api = {.api = UFFD_API};
+	cpu_set_t was, here;
+	int uffd, stop[2] = {-1, -1}, cpu = sched_getcpu();
+	uint8_t *base = MAP_FAILED;
+	pid_t child = -1;
+
+	sched_getaffinity(0, sizeof was, &was);
+	uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+	if (pc || uffd < 0 || ioctl(uffd, UFFDIO_API, &api) || pipe2(stop, O_CLOEXEC)) {
+		printf("ERROR bare: %s\n", pc ? "only without a daemon (--no-start)" : strerror(errno));
+		goto out;
+	}
+	base = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	struct uffdio_register reg = {.range = {.start = (uintptr_t)base, .len = npages * PAGE},
+				      .mode = UFFDIO_REGISTER_MODE_MISSING};
+	if (base == MAP_FAILED || ioctl(uffd, UFFDIO_REGISTER, &reg)) {
+		printf("ERROR bare: %s\n", strerror(errno));
+		goto out;
+	}
+	CPU_ZERO(&here);
+	CPU_SET(cpu, &here);
+	sched_setaffinity(0, sizeof here, &here);
+	child = fork();
+	if (child == 0) {
+		static uint64_t page[PAGE / 8] __attribute__((aligned(PAGE)));
+		struct sched_param sp = {0};
+		struct uffd_msg msg[64];
+		close(stop[1]);
+		for (size_t k = 0; k < PAGE / 8; k++)
+			page[k] = fill;
+		sched_setscheduler(0, SCHED_IDLE, &sp);
+		for (;;) {
+			struct pollfd pfd[2] = {{.fd = uffd, .events = POLLIN}, {.fd = stop[0], .events = POLLIN}};
+			ssize_t got = read(uffd, msg, sizeof msg);
+			for (ssize_t k = 0; k < got / (ssize_t)sizeof *msg; k++) {
+				struct uffdio_copy c = {.dst = msg[k].arg.pagefault.address & ~(uint64_t)(PAGE - 1),
+							.src = (uintptr_t)page, .len = PAGE};
+				ioctl(uffd, UFFDIO_COPY, &c);
+			}
+			if (got > 0)
+				continue;
+			if (poll(pfd, 2, -1) < 0 || pfd[1].revents)
+				_exit(0);
+		}
+	}
+	if (child < 0) {
+		printf("ERROR bare: fork: %s\n", strerror(errno));
+		goto out;
+	}
+	time_touches("BARE", base, npages, false, n, s, fill);
+out:
+	if (stop[1] >= 0)
+		close(stop[1]);
+	if (child > 0)
+		waitpid(child, NULL, 0);
+	if (stop[0] >= 0)
+		close(stop[0]);
+	if (base != MAP_FAILED)
+		munmap(base, npages * PAGE);
+	if (uffd >= 0)
+		close(uffd);
+	sched_setaffinity(0, sizeof was, &was);
 }
 
 /* Spin for `seconds` and time what interrupts a running thread (see `gaps` above). */
@@ -465,7 +558,9 @@ int main(int argc, char **argv)
 		} else if (sscanf(line, "stress %lf %lu", &d, &x) == 2) {
 			cmd_stress(d, (unsigned)x);
 		} else if (sscanf(line, "touch %31s %lu %lu", a, &x, &z) >= 1) {
-			cmd_touch(a, x, z ? z : 1);
+			time_touches("TOUCH", region, npages, !strcmp(a, "seq"), x, z ? z : 1, 0);
+		} else if (sscanf(line, "bare %lu %lu", &x, &z) >= 1) {
+			cmd_bare(x, z ? z : 1);
 		} else if (!strncmp(line, "hot off", 7)) {
 			cmd_hot("off", 0, 0);
 		} else if (sscanf(line, "hot %lu %lu", &x, &y) == 2) {
