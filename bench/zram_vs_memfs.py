@@ -92,6 +92,7 @@ def progress(msg: str) -> None:
 
 
 WARM = True
+PIN_CPU: int | None = None  # --pin-cpu: every target's threads on this CPU
 REPEAT = 3  # read-backs and prefetches per system and data set; the median is reported
 
 
@@ -132,6 +133,9 @@ class Target:
             raise BenchError(f"the target did not start: {' '.join(ready) or 'no answer'}")
         self.info = dict(kv.split("=", 1) for kv in ready[1:])
         self.pid = self.proc.pid
+        if PIN_CPU is not None:  # all its threads: the client library's agent runs already
+            for tid in os.listdir(f"/proc/{self.pid}/task"):
+                os.sched_setaffinity(int(tid), {PIN_CPU})
 
     def cmd(self, line: str) -> dict[str, str]:
         self.proc.stdin.write(line + "\n")
@@ -562,7 +566,7 @@ def idle_cpu_pct(sessions: int, seconds: float, settle: float, settings: list[st
                 t.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memfs bench", description=__doc__.split("\n")[0])
     p.add_argument("--mb", type=int, help="MiB of data per data set (default 1024; 16 with --quick)")
     p.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated, of {', '.join(DATASETS)}")
@@ -576,11 +580,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="a daemon setting for the memfs side (as memfs serve --NAME VALUE), repeatable")
     p.add_argument("--no-warm", action="store_true",
                    help="do not warm free memory before each timed step (see the module docstring)")
+    p.add_argument("--pin-cpu", type=int, metavar="CPU",
+                   help="pin every target to this CPU: how much of a result is placement (not how memfs "
+                   "is meant to run: its goals are without pinning)")
     p.add_argument("--repeat", type=int, help="times each read-back and prefetch is timed, the median "
                    "reported (default 3; 1 with --quick)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
-    global WARM, REPEAT
+    global WARM, REPEAT, PIN_CPU
     WARM = not args.no_warm
+    PIN_CPU = args.pin_cpu
+    if PIN_CPU is not None and PIN_CPU not in os.sched_getaffinity(0):
+        p.error(f"--pin-cpu {PIN_CPU}: not a CPU this process may run on")
     REPEAT = args.repeat or (1 if args.quick else 3)
     if REPEAT < 1:
         p.error("--repeat must be at least 1")
@@ -649,7 +664,9 @@ def main(argv: list[str] | None = None) -> int:
             f"- command: `{command.strip()}`\n- date: {time.strftime('%Y-%m-%d %H:%M %Z')}\n"
             f"- machine: {machine()}\n"
             f"- machine noise: {noise_line(noise)} (memfs-target `gaps`, before the run)\n"
-            f"- free memory warmed before each timed step: {'yes' if WARM else 'no (--no-warm)'}\n- data: {mb} MiB per data set; random reads: {nrand} distinct pages\n"
+            f"- free memory warmed before each timed step: {'yes' if WARM else 'no (--no-warm)'}\n"
+            + (f"- every target pinned to CPU {PIN_CPU} (--pin-cpu)\n" if PIN_CPU is not None else "")
+            + f"- data: {mb} MiB per data set; random reads: {nrand} distinct pages\n"
             f"- read-backs and prefetches: each timed {REPEAT} {'time' if REPEAT == 1 else 'times'}, the median "
             "of each figure reported (eviction: once, from resident memory)\n"
             f"- memfs daemon: `memfs serve --access-source none --policy off {' '.join(settings)}` (defaults otherwise)\n"

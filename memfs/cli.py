@@ -70,14 +70,19 @@ def cmd_demo(args) -> int:
     return run(args.mb, args.pattern, args.keep)
 
 
-def cmd_bench(args) -> int:
+def load_bench():
+    """bench/zram_vs_memfs.py, which lives beside the package, not in it."""
     import importlib.util
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location("zram_vs_memfs", os.path.join(root, "bench", "zram_vs_memfs.py"))
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench  # dataclasses look their module up
     spec.loader.exec_module(bench)
-    return bench.main(args.bench_args)
+    return bench
+
+
+def cmd_bench(args) -> int:
+    return load_bench().main(args.bench_args)
 
 
 def cmd_test(args) -> int:

@@ -400,11 +400,11 @@ static bool drain(struct fault_ctx *fc, struct uffd_msg *msgs, int *err, bool *f
  * once and we sleep until the next fault, which then pays two cross-vCPU
  * wake-ups.  So before we sleep, having answered faults, one
  * getrusage(RUSAGE_THREAD) tells which (note_apart), and apart we look at
- * once (at most every FOLLOW_NS) instead of waiting for the next PLACE_NS.  The check costs nothing while
- * the two run together, the case that must be fast.  The scheduler moves
- * threads for its own reasons (another task woke on that CPU) several
- * times a second under load, and a fault every ~15 us makes each slow
- * stretch hundreds of faults long.
+ * once (at most every FOLLOW_NS) instead of waiting for the next PLACE_NS.
+ * The check costs nothing while the two run together, the case that must
+ * be fast.  The scheduler moves threads for its own reasons (another task
+ * woke on that CPU) several times a second under load, and a fault every
+ * ~15 us makes each slow stretch hundreds of faults long.
  *
  * The price of SCHED_IDLE: other busy threads on that CPU would starve us.
  * Our run-queue delay (schedstat) tells: above STARVED_NS per PLACE_NS we

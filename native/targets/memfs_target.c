@@ -316,8 +316,8 @@ static int cmp_u64(const void *a, const void *b)
 
 /*
  * Touch pages of [base, base + np pages) and time each touch, the latency a
- * program sees; print one line, `tag` first.  `bad` counts pages not
- * holding `want` (0: not checked).
+ * program sees; print one line, `tag` first, and with a nonzero `want` the
+ * count of touched pages whose first word is not `want` (bad=).
  */
 static void time_touches(const char *tag, uint8_t *base, size_t np, bool seq, size_t n, uint64_t s,
 			 uint64_t want)
@@ -352,8 +352,11 @@ static void time_touches(const char *tag, uint8_t *base, size_t np, bool seq, si
 	(void)sink;
 	qsort(lat, n, sizeof *lat, cmp_u64);
 	printf("%s n=%zu wall_ns=%" PRIu64 " p50=%" PRIu64 " p99=%" PRIu64 " p999=%" PRIu64
-	       " max=%" PRIu64 " mean=%" PRIu64 " bad=%" PRIu64 "\n",
-	       tag, n, t_all, lat[n / 2], lat[n * 99 / 100], lat[n * 999 / 1000], lat[n - 1], sum / n, bad);
+	       " max=%" PRIu64 " mean=%" PRIu64,
+	       tag, n, t_all, lat[n / 2], lat[n * 99 / 100], lat[n * 999 / 1000], lat[n - 1], sum / n);
+	if (want)
+		printf(" bad=%" PRIu64, bad);
+	printf("\n");
 	free(lat);
 	free(order);
 }
