@@ -168,6 +168,8 @@ async def test_writes_after_compress_and_prefetch_are_tracked(daemon, sock_path,
     res = await s.pager.prefetch(runs)
     assert res.done == t.npages
     assert all(t.present())
+    c = s.counters()
+    assert c["prefetch_decode_ns"] > 0 and c["prefetch_copy_ns"] > 0, "where the prefetch's CPU went"
     info = s.native.range_info(0)
     # mixed data: each zero page sits between others, so it is copied in with them, clean
     assert info.pages_in["clean"] == t.npages

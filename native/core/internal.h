@@ -132,6 +132,7 @@ int codec_decompress(const void *src, int srclen, void *dst);
 bool page_fill_word(const void *page, uint64_t *word);
 void fill_page(void *dst, uint64_t word);
 uint64_t now_ns(void);
+uint64_t thread_cpu_ns(void); /* the calling thread's CPU time */
 
 /* session.c */
 struct range *range_of(struct mc_session *s, uint64_t addr);

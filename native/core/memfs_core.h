@@ -99,6 +99,8 @@ struct mc_counters {
 	uint64_t prefetch_restored;
 	uint64_t prefetch_hits;
 	uint64_t prefetch_misses;
+	uint64_t prefetch_decode_ns; /* prefetch threads' CPU time decoding copies */
+	uint64_t prefetch_copy_ns;   /* ... and copying the pages in (UFFDIO_COPY) */
 	uint64_t readahead_pages;
 	uint64_t faultaround_pages;
 	uint64_t fault_thread_moves;   /* times the fault thread followed a faulting thread's CPU */

@@ -447,6 +447,7 @@ static void prefetch_batch(struct mc_session *s, struct range *r, uint64_t first
 {
 	struct page snap[PBATCH]; /* the pages as checked, decoded without s->lock */
 	bool pinned[PBATCH], ready[PBATCH], was_out[PBATCH], copied[PBATCH];
+	uint64_t t0, t1, t2, t3, t4; /* thread CPU: decoding [t0, t1), copying in [t2, t3) and from t4 */
 
 	pthread_mutex_lock(&s->lock);
 	for (uint64_t k = 0; k < n; k++) {
@@ -472,9 +473,11 @@ static void prefetch_batch(struct mc_session *s, struct range *r, uint64_t first
 	}
 	pthread_mutex_unlock(&s->lock);
 
+	t0 = thread_cpu_ns();
 	for (uint64_t k = 0; k < n; k++)
 		if (ready[k])
 			ready[k] = page_bytes(&snap[k], scratch + k * PAGE) == 0;
+	t1 = thread_cpu_ns();
 
 	pthread_rwlock_rdlock(&s->events_gate);
 	pthread_mutex_lock(&s->lock);
@@ -496,6 +499,7 @@ static void prefetch_batch(struct mc_session *s, struct range *r, uint64_t first
 	/* the events gate is held: no message is read until the states below are true */
 	if (tun.debug_prefetch_delay_us)
 		usleep(tun.debug_prefetch_delay_us);
+	t2 = thread_cpu_ns();
 	for (uint64_t i = 0; i < n;) {
 		uint64_t j = i, got;
 		int64_t done = 0;
@@ -512,6 +516,7 @@ static void prefetch_batch(struct mc_session *s, struct range *r, uint64_t first
 		/* stopped early (the page is there already, or the mm changed): skip it */
 		i = got < j - i ? i + got + 1 : j;
 	}
+	t3 = thread_cpu_ns();
 	pthread_mutex_lock(&s->lock);
 	for (uint64_t k = 0; k < n; k++) {
 		struct page *q = &r->pages[first + k];
@@ -519,6 +524,7 @@ static void prefetch_batch(struct mc_session *s, struct range *r, uint64_t first
 		if (copied[k] && q->state == snap[k].state && q->copy == snap[k].copy)
 			copied_in(s, r, q, false);
 	}
+	t4 = thread_cpu_ns();
 	for (uint64_t i = 0; i < n;) { /* long zero runs, and any copy that did not decode: as usual */
 		uint64_t j = i;
 		if (ready[i]) {
@@ -531,6 +537,8 @@ static void prefetch_batch(struct mc_session *s, struct range *r, uint64_t first
 		i = j;
 	}
 	restored_batch(s, r, first, n, was_out, false, res);
+	s->c.prefetch_decode_ns += t1 - t0;
+	s->c.prefetch_copy_ns += t3 - t2 + thread_cpu_ns() - t4; /* with the zero runs' */
 	pthread_mutex_unlock(&s->lock);
 	pthread_rwlock_unlock(&s->events_gate);
 }
