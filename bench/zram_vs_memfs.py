@@ -9,7 +9,8 @@ in-order read-back, memfs's, and so on.  What each does:
          it back in order, pages it out again and reads pages in random order.
   memfs  the target is registered with a daemon started for the run; `evict`
          is written to the session's ctl, then the same two read-backs; then
-         `evict` and `prefetch` (the prefetch throughput).
+         `evict` and `prefetch` (the prefetch throughput); then `recompress`
+         (lz4hc) and again `evict` and `prefetch`.
 
   floor  the same random reads, on a fresh region of the same size, served by
          a bare userfaultfd handler in another process that copies in one
@@ -37,7 +38,8 @@ cluster or the slow one, so the BENCHMARKS.md header gives it, and a
 table counts each system's touches over 40 us (memfs-target's slow=), per
 cent and per second of reading.  A prefetch's CPU is split into decoding
 and copying in (the session counters prefetch_decode_ns, prefetch_copy_ns),
-and set against what its threads would reach doing only that.
+and set against what its threads would reach doing only that.  Last, memfs
+`recompress`es the copies (lz4hc) and times the prefetches again.
 
 Fresh memory is warmed before every timed step, for both systems alike
 (`warm_free_memory`): this VM hands free guest pages back to its host
@@ -260,6 +262,12 @@ class Result:
     prefetch_gbps: float = 0.0
     prefetch_decode_us: float = 0.0    # per page restored: the prefetch threads' CPU decoding
     prefetch_copy_us: float = 0.0      # ... and copying in (session counters prefetch_*_ns)
+    recompress_mbps: float = 0.0       # `recompress` (lz4hc) of the clean pages' copies, logical MB/s
+    recompress_cpu_s: float = 0.0      # the daemon's CPU over it
+    recompressed_ratio: float = 0.0    # logical / compressed bytes after it
+    rc_prefetch_gbps: float = 0.0      # prefetch of the recompressed copies
+    rc_prefetch_decode_us: float = 0.0
+    rc_prefetch_copy_us: float = 0.0
     rss_before_kb: int = 0
     rss_after_evict_kb: int = 0
     rss_after_readback_kb: int = 0
@@ -368,20 +376,19 @@ def memfs_steps(r: Result, nrand: int, memfs: Memfs):
         after, d1, st = t.status(), memfs.status(), memfs.session_stat(sid)
         yield "evicted"
         yield from read_backs(r, t, nrand, lambda: memfs.ctl(sid, "evict"), lambda: t.cpu() + memfs.cpu())
-        prefetches, decode_us, copy_us = [], [], []
-        for _ in range(REPEAT):
-            memfs.ctl(sid, "evict")
-            warm_free_memory(mb)
-            s0 = memfs.session_stat(sid)
-            prefetches.append(memfs.ctl(sid, "prefetch"))
-            s1 = memfs.session_stat(sid)
-            pages = max(1, s1["prefetch_restored"] - s0["prefetch_restored"])
-            decode_us.append((s1["prefetch_decode_ns"] - s0["prefetch_decode_ns"]) / pages / 1000)
-            copy_us.append((s1["prefetch_copy_ns"] - s0["prefetch_copy_ns"]) / pages / 1000)
-            yield "prefetched"
-        r.prefetch_ms = statistics.median(prefetches) * 1000
-        r.prefetch_gbps = mb * 1048576 / (r.prefetch_ms / 1000) / 1e9
-        r.prefetch_decode_us, r.prefetch_copy_us = statistics.median(decode_us), statistics.median(copy_us)
+        wall, r.prefetch_decode_us, r.prefetch_copy_us = yield from prefetches(memfs, sid, mb, "prefetched")
+        r.prefetch_ms = wall * 1000
+        r.prefetch_gbps = mb * 1048576 / wall / 1e9
+        # the pages are clean now, their lz4 copies kept: recompress them, then prefetch again
+        c0 = memfs.cpu()
+        wall = memfs.ctl(sid, "recompress")
+        r.recompress_cpu_s = memfs.cpu() - c0
+        r.recompress_mbps = mb * 1048576 / wall / 1e6
+        r.recompressed_ratio = mb * 1048576 / max(1, memfs.session_stat(sid)["store_bytes_compressed"])
+        yield "recompressed (lz4hc)"
+        wall, r.rc_prefetch_decode_us, r.rc_prefetch_copy_us = yield from prefetches(
+            memfs, sid, mb, "prefetched the recompressed copies")
+        r.rc_prefetch_gbps = mb * 1048576 / wall / 1e9
         r.verify_bad = int(t.cmd("verify")["bad"])
         r.vmhwm_kb = t.status()["VmHWM"] // 1024
     finally:
@@ -389,6 +396,24 @@ def memfs_steps(r: Result, nrand: int, memfs: Memfs):
     r.pager_cpu_s = memfs.cpu() - cpu0
     evicted(r, before, after, holder=max(0, d1["VmRSS"] - d0["VmRSS"]),
             compressed=st["store_bytes_compressed"], stored=st["store_bytes_used"])
+
+
+def prefetches(memfs: Memfs, sid: str, mb: int, step: str):
+    """REPEAT prefetches of the whole region, each after `evict` and warming, a
+    step at a time; returns the medians of its wall seconds and of the CPU per
+    page restored spent decoding and copying in (microseconds)."""
+    walls, decode_us, copy_us = [], [], []
+    for _ in range(REPEAT):
+        memfs.ctl(sid, "evict")
+        warm_free_memory(mb)
+        s0 = memfs.session_stat(sid)
+        walls.append(memfs.ctl(sid, "prefetch"))
+        s1 = memfs.session_stat(sid)
+        pages = max(1, s1["prefetch_restored"] - s0["prefetch_restored"])
+        decode_us.append((s1["prefetch_decode_ns"] - s0["prefetch_decode_ns"]) / pages / 1000)
+        copy_us.append((s1["prefetch_copy_ns"] - s0["prefetch_copy_ns"]) / pages / 1000)
+        yield step
+    return statistics.median(walls), statistics.median(decode_us), statistics.median(copy_us)
 
 
 FLOOR = "uffd-floor"
@@ -500,6 +525,9 @@ def summary_tables(results: list[Result]) -> str:
             grows.append([ds, name, f"{value:.2f}", f"{'>=' if higher else '<='} {goal:g}",
                           verdict(value, goal, higher)])
         grows.append([ds, "prefetch (absolute, GB/s)", f"{m.prefetch_gbps:.2f}", ">= 2", verdict(m.prefetch_gbps, 2.0, True)])
+        if m.rc_prefetch_gbps:
+            grows.append([ds, "prefetch, recompressed (GB/s)", f"{m.rc_prefetch_gbps:.2f}", ">= 2",
+                          verdict(m.rc_prefetch_gbps, 2.0, True)])
     out += ["### Ratios memfs/zram and goals\n", table(grows), ""]
     frows = [["data", "floor p50 us", "floor p99 us", "floor/zram p50", "floor/zram p99",
               "memfs/floor p50", "memfs/floor p99"]]
@@ -530,20 +558,41 @@ def summary_tables(results: list[Result]) -> str:
             "A pager whose rate is near the floor's adds no slow touches of its own; it spends\n"
             "longer in each touch, and so meets more of the machine's.\n",
             table(srows), ""]
-    prows = [["data", "prefetch GB/s", "decode us/page", "copy-in us/page", "ceiling GB/s", "of ceiling"]]
+    prows = [["data", "copies", "prefetch GB/s", "decode us/page", "copy-in us/page", "ceiling GB/s", "of ceiling"]]
     for r in results:
-        if r.system == "memfs" and r.prefetch_decode_us + r.prefetch_copy_us > 0:
-            ceiling = prefetch_threads() * PAGE / (r.prefetch_decode_us + r.prefetch_copy_us) / 1000
-            prows.append([r.dataset, f"{r.prefetch_gbps:.2f}", f"{r.prefetch_decode_us:.2f}",
-                          f"{r.prefetch_copy_us:.2f}", f"{ceiling:.2f}", f"{r.prefetch_gbps / ceiling:.0%}"])
+        if r.system != "memfs":
+            continue
+        for copies, gbps, decode, copy in (("lz4", r.prefetch_gbps, r.prefetch_decode_us, r.prefetch_copy_us),
+                                           ("lz4hc", r.rc_prefetch_gbps, r.rc_prefetch_decode_us,
+                                            r.rc_prefetch_copy_us)):
+            if decode + copy > 0:
+                ceiling = prefetch_threads() * PAGE / (decode + copy) / 1000
+                prows.append([r.dataset, copies, f"{gbps:.2f}", f"{decode:.2f}", f"{copy:.2f}",
+                              f"{ceiling:.2f}", f"{gbps / ceiling:.0%}"])
     if len(prows) > 1:
         out += ["### Prefetch: where its CPU goes\n",
                 f"Per page restored, the CPU the prefetch's threads spent decoding the copy (the codec, in\n"
                 f"user space) and copying the page in (UFFDIO_COPY: the kernel allocates, charges, fills\n"
-                f"and maps a page), from the session counters prefetch_decode_ns and prefetch_copy_ns.\n"
+                f"and maps a page), from the session counters prefetch_decode_ns and prefetch_copy_ns:\n"
+                f"for the copies eviction made (lz4), and again after `recompress` (lz4hc, below).\n"
                 f"The ceiling is what {prefetch_threads()} threads would reach doing nothing else: "
                 f"{prefetch_threads()} x 4 KiB\nover decode + copy-in.\n",
                 table(prows), ""]
+    rrows = [["data", "recompress MB/s", "daemon CPU s", "ratio lz4", "ratio lz4hc", "zram ratio",
+              "prefetch GB/s lz4", "lz4hc"]]
+    for ds in dict.fromkeys(r.dataset for r in results):
+        z, m = (next((r for r in results if r.dataset == ds and r.system == name), None) for name in ("zram", "memfs"))
+        if m and m.recompress_mbps:
+            rrows.append([ds, f"{m.recompress_mbps:.0f}", f"{m.recompress_cpu_s:.2f}", f"{m.ratio:.2f}",
+                          f"{m.recompressed_ratio:.2f}", f"{z.ratio:.2f}" if z else "-",
+                          f"{m.prefetch_gbps:.2f}", f"{m.rc_prefetch_gbps:.2f}"])
+    if len(rrows) > 1:
+        out += ["### Recompress: the same copies again with lz4hc\n",
+                "After the prefetches, `recompress` is written to the session's ctl: every copy is\n"
+                "encoded again with lz4hc and kept where the blob gets smaller, as zram's recompress\n"
+                "does for idle pages (throughput in logical MB/s of the region).  Then the same\n"
+                "prefetches again.  Eviction itself keeps lz4: lz4hc encodes several times slower.\n",
+                table(rrows), ""]
     mrows = [["data", "system", "VmRSS before KiB", "after evict KiB", "after readback KiB", "VmHWM KiB",
               "evict wall ms", "evict CPU ms", "readback wall ms", "readback CPU ms"]]
     for r in results:

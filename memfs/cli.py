@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{setting.doc} (default {setting.format(setting.default)})")
     s.set_defaults(func=cmd_serve)
 
-    d = sub.add_parser("demo", help="start a daemon and a target, then compress, evict and prefetch through the filesystem")
+    d = sub.add_parser("demo", help="start a daemon and a target, then compress, evict, prefetch and recompress through the filesystem")
     d.add_argument("--mb", type=int, default=256, help="size of the demo target's memory (default 256)")
     d.add_argument("--pattern", default="mixed", choices=("mixed", "text", "ints", "random", "zero"),
                    help="its data set (default mixed)")

@@ -3,6 +3,7 @@
     compress [SEL]   give pages a compressed copy; they stay resident, write-protected
     evict    [SEL]   free pages from the target, compressing first where needed
     prefetch [SEL]   restore evicted pages before they are touched
+    recompress [SEL] encode copies again with lz4hc, where that makes them smaller
 
 One command per write.  Errors are OSError with the errno the shell shows:
 EINVAL (unknown verb, malformed selector, several commands), ERANGE
@@ -20,7 +21,7 @@ from . import selection
 from .core import OpResult
 from .pager import SessionEnded
 
-VERBS = ("compress", "evict", "prefetch")
+VERBS = ("compress", "evict", "prefetch", "recompress")
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ def parse_command(text: str) -> Command:
         raise OSError(errno.EINVAL, "write exactly one command")
     words = lines[0].split()
     if words[0] not in VERBS:
-        raise OSError(errno.EINVAL, f"unknown verb {words[0]!r} (compress, evict, prefetch)")
+        raise OSError(errno.EINVAL, f"unknown verb {words[0]!r} ({', '.join(VERBS)})")
     if len(words) > 2:
         raise OSError(errno.EINVAL, "a command takes one selector")
     return Command(words[0], selection.parse(words[1] if len(words) == 2 else "all"))
@@ -45,7 +46,7 @@ def _operation(session, verb: str):
     if session.state != "running" or session.pager is None or session.pager.closed:
         raise SessionEnded()
     return {"compress": session.pager.compress, "evict": session.pager.evict,
-            "prefetch": session.pager.prefetch}[verb]
+            "prefetch": session.pager.prefetch, "recompress": session.pager.recompress}[verb]
 
 
 async def run_on_session(session, cmd: Command, range_index: int | None = None,

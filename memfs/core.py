@@ -29,7 +29,8 @@ TRACE_KINDS = {lib.MC_TR_FAULT: "fault", lib.MC_TR_ZEROFILL: "zerofill", lib.MC_
                lib.MC_TR_HELD: "held", lib.MC_TR_RELEASE: "release", lib.MC_TR_EVICT: "evict",
                lib.MC_TR_PREFETCH: "prefetch", lib.MC_TR_COMPRESS: "compress",
                lib.MC_TR_REMOVE: "remove", lib.MC_TR_UNMAP: "unmap", lib.MC_TR_REMAP: "remap",
-               lib.MC_TR_FAIL: "fail", lib.MC_TR_READAHEAD: "readahead"}
+               lib.MC_TR_FAIL: "fail", lib.MC_TR_READAHEAD: "readahead",
+               lib.MC_TR_RECOMPRESS: "recompress"}
 COUNTER_NAMES = tuple(name for name, _ in ffi.typeof("struct mc_counters").fields)
 STORE_STAT_NAMES = tuple(name for name, _ in ffi.typeof("struct mc_store_stats").fields)
 TUNABLE_NAMES = tuple(name for name, _ in ffi.typeof("struct mc_tunables").fields)
@@ -311,6 +312,15 @@ class NativeSession:
         out = OpResult()
         out.add(res)
         check(rc, "restore")
+        return out
+
+    @_guarded
+    def recompress(self, runs: list[Run], codec: str = "lz4hc") -> OpResult:
+        res = ffi.new("struct mc_op_result *")
+        rc = lib.mc_recompress(self._s, runs_array(runs), len(runs), CODECS[codec], res)
+        out = OpResult()
+        out.add(res)
+        check(rc, "recompress")
         return out
 
     @_guarded

@@ -27,7 +27,7 @@ from .session import Session
 log = logging.getLogger("memfs.daemon")
 
 GLOBAL_EVENTS = ("sessions_started", "sessions_ended", "sessions_refused", "compress", "evict",
-                 "prefetch", "restore_fail", "degraded", "damon_unavailable")
+                 "prefetch", "recompress", "restore_fail", "degraded", "damon_unavailable")
 WATCH_SECONDS = 0.25  # how often the fault threads' own news (restore failures) is looked for
 SHUTDOWN_SECONDS = 60
 # Counters that are levels, not totals: an ended session stops contributing.

@@ -1,4 +1,4 @@
-"""The pager of one session: compress, evict and prefetch pages, safely.
+"""The pager of one session: compress, evict, prefetch and recompress pages, safely.
 
 This is the API the filesystem, the policy and the CLI use.  Operations
 take page runs ((range, first, count) tuples, see `memfs.selection` for
@@ -186,6 +186,13 @@ class Pager:
             return await self._spread(chunked(runs, PREFETCH_CHUNK_PAGES), lambda chunk: self._in_thread(
                 self.native.restore, chunk, False))
         return await self._run_op(prefetch)
+
+    async def recompress(self, runs: list[Run]) -> OpResult:
+        """Encode copies again with lz4hc where their blob gets smaller (done = copies replaced)."""
+        async def recompress():
+            return await self._spread(chunked(runs), lambda chunk: self._in_thread(
+                self.native.recompress, chunk))
+        return await self._run_op(recompress)
 
     # -- evictions in flight ------------------------------------------------------
     async def _start_eviction(self, addr_runs) -> _Eviction:

@@ -28,6 +28,7 @@ CANDIDATES = {
     "compress": STATE_BITS["resident"],
     "evict": STATE_BITS["resident"] | STATE_BITS["clean"],
     "prefetch": STATE_BITS["compressed"] | STATE_BITS["zero"],
+    "recompress": STATE_BITS["compressed"] | STATE_BITS["clean"],  # the pages with copies
 }
 
 

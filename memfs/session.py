@@ -41,7 +41,7 @@ HANDSHAKE_SECONDS = 30
 PREFETCH_QUEUE = 256
 UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1 << 0
 USER_ADDR_LIMIT = 1 << 47
-SESSION_EVENTS = ("compress", "evict", "prefetch", "prefetch_dropped", "restore_fail", "degraded", "ended")
+SESSION_EVENTS = ("compress", "evict", "prefetch", "recompress", "prefetch_dropped", "restore_fail", "degraded", "ended")
 
 
 SAMPLE_ANSWER_SECONDS = 5

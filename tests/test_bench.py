@@ -38,10 +38,14 @@ def test_quick_bench_runs_both_systems_and_restores_the_machine(tmp_path):
         assert int(row["rss_after_evict_kb"]) < int(row["rss_before_kb"]) // 4, f"nothing was evicted: {row}"
         assert float(row["seq_restore_gbps"]) > 0 and float(row["rand_p50_us"]) > 0
     assert all(float(row["rand_mean_us"]) > 0 for row in rows)
-    assert all(float(row["prefetch_decode_us"]) > 0 and float(row["prefetch_copy_us"]) > 0
-               for row in rows if row["system"] == "memfs")
+    memfs = [row for row in rows if row["system"] == "memfs"]
+    assert all(float(row["prefetch_decode_us"]) > 0 and float(row["prefetch_copy_us"]) > 0 for row in memfs)
+    assert all(float(row["rc_prefetch_gbps"]) > 0 for row in memfs)
+    assert all(float(row["recompressed_ratio"]) > float(row["ratio"]) for row in memfs
+               if row["dataset"] in ("mixed", "text")), "recompress must have made the copies smaller"
     assert "Ratios memfs/zram" in r.stdout and "The floor" in r.stdout
     assert "Slow random reads" in r.stdout and "Prefetch: where its CPU goes" in r.stdout
+    assert "Recompress: the same copies" in r.stdout
     assert not swaps(), "swap left on"
     assert (ZRAM / "initstate").read_text().strip() == "0", "zram0 not reset"
 

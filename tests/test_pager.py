@@ -223,8 +223,9 @@ async def test_pages_discarded_during_prefetch_stay_discarded(daemon, sock_path,
     assert discards >= 100 and s.counters()["events_remove"] >= discards
 
 
-async def stress(daemon, t, seconds: float):
-    """Writers in the target while the daemon evicts and prefetches everything in a loop."""
+async def stress(daemon, t, seconds: float, recompress: bool = False):
+    """Writers in the target while the daemon evicts and prefetches everything in a
+    loop (and, with `recompress`, recompresses the evicted copies in between)."""
     s = session(daemon, t)
     runs = selection.all_runs(s.native)
     rounds = 0
@@ -233,6 +234,8 @@ async def stress(daemon, t, seconds: float):
             nonlocal rounds
             while True:
                 await s.pager.evict(runs)
+                if recompress:
+                    await s.pager.recompress(runs)
                 await s.pager.prefetch(runs)
                 rounds += 1
                 await trio.sleep(0)
@@ -254,6 +257,40 @@ async def test_writes_during_eviction_are_never_lost(daemon, sock_path, targets,
     assert c["faults_held"] > 0, "writes must have met pages being evicted"
     assert int(r["bad"]) == 0, f"lost writes: {r}"
     assert await t.verify() == (t.npages, 0)
+
+
+async def test_writes_during_recompress_are_never_lost(daemon, sock_path, targets, monkeypatch):
+    """Writes drop copies while a recompress has them pinned and unlocked: the
+    new blob must not land on a page that was written meanwhile."""
+    chunks_of(monkeypatch, 64)
+    t = await targets(c_target(sock_path, 2))
+    r, rounds, c = await stress(daemon, t, 5, recompress=True)
+    assert int(r["writes"]) > 10000 and rounds >= 3
+    assert c["recompress_ok"] > 0, "the copies must have been recompressed"
+    assert int(r["bad"]) == 0, f"lost writes: {r}"
+    assert await t.verify() == (t.npages, 0)
+    assert (await t.command("stop"))["rc"] == "0"
+    await wait_for(lambda: t.session_id not in daemon.sessions)
+    assert core.store_stats()["blobs"] == 0, "a blob swapped or dropped meanwhile was leaked"
+
+
+async def test_recompress_shrinks_copies_and_every_page_comes_back(daemon, sock_path, targets):
+    t = await targets(c_target(sock_path, 4, "--pattern", "text"))
+    s = session(daemon, t)
+    runs = selection.all_runs(s.native)
+    await s.pager.evict(runs)
+    await s.pager.prefetch([(0, 0, 100)])  # some clean pages: resident, with a copy
+    before = s.counters()["store_bytes_compressed"]
+    res = await s.pager.recompress(runs)
+    c = s.counters()
+    assert res.done == c["recompress_ok"] == t.npages, "every text copy gets smaller with lz4hc"
+    assert res.bytes_out < res.bytes_in and c["store_bytes_compressed"] == before - (res.bytes_in - res.bytes_out)
+    assert (await s.pager.recompress(runs)).done == 0, "a recompressed copy stays as it is"
+    info = s.native.range_info(0)
+    assert info.pages_in["clean"] == 100 and info.pages_in["compressed"] == t.npages - 100
+    await s.pager.evict(runs)  # the clean pages go without compressing again: their copy is kept
+    assert s.counters()["compress_attempts"] == t.npages
+    assert await t.verify() == (t.npages, 0), "faults restore every page from the new copies"
 
 
 @pytest.mark.parametrize("chunk_pages", [None, 64])

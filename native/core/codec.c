@@ -48,7 +48,12 @@ uint64_t mc_now_ms(void)
 /* Compressed length, or 0 when the page does not fit in `cap` bytes. */
 int codec_compress(const void *src, void *dst, int cap)
 {
-	switch (tun.codec) {
+	return codec_compress_as(tun.codec, src, dst, cap);
+}
+
+int codec_compress_as(uint32_t codec, const void *src, void *dst, int cap)
+{
+	switch (codec) {
 	case MC_CODEC_LZ4HC:
 		return LZ4_compress_HC(src, dst, PAGE, cap, 9);
 	case MC_CODEC_LZ4FAST:

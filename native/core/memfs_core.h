@@ -58,6 +58,7 @@
 #define MC_TR_REMAP 11     /* the target moved a range (mremap) */
 #define MC_TR_FAIL 12      /* a restore failed */
 #define MC_TR_READAHEAD 13 /* pages restored after a sequential fault */
+#define MC_TR_RECOMPRESS 14 /* copies re-encoded smaller (lz4hc) */
 
 #define MC_AGE_CLASSES 33 /* page ages: 0 ms, then one class per power of two */
 #define MC_HIST_BUCKETS 256 /* fault latency: 8 sub-buckets per power of two */
@@ -101,6 +102,8 @@ struct mc_counters {
 	uint64_t prefetch_misses;
 	uint64_t prefetch_decode_ns; /* prefetch threads' CPU time decoding copies */
 	uint64_t prefetch_copy_ns;   /* ... and copying the pages in (UFFDIO_COPY) */
+	uint64_t recompress_attempts; /* copies a recompress decoded and encoded again */
+	uint64_t recompress_ok;       /* ... and replaced by a smaller one */
 	uint64_t readahead_pages;
 	uint64_t faultaround_pages;
 	uint64_t fault_thread_moves;   /* times the fault thread followed a faulting thread's CPU */
@@ -224,6 +227,8 @@ int mc_evict_complete(struct mc_session *s, const struct mc_addr_run *runs, size
 int mc_restore(struct mc_session *s, const struct mc_run *runs, size_t nruns, uint32_t flags,
 	       struct mc_op_result *res);
 int mc_mark_prefetch(struct mc_session *s, const struct mc_run *runs, size_t nruns);
+int mc_recompress(struct mc_session *s, const struct mc_run *runs, size_t nruns, uint32_t codec,
+		  struct mc_op_result *res);
 
 /* access sampling: the agent moves pages to the staging area; a fault on one means "used" */
 int64_t mc_sample_prepare(struct mc_session *s, const struct mc_run *pages, size_t n,

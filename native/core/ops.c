@@ -608,3 +608,126 @@ int mc_mark_prefetch(struct mc_session *s, const struct mc_run *runs, size_t nru
 	pthread_mutex_unlock(&s->lock);
 	return 0;
 }
+
+/*
+ * Recompress: copies made by the fast codec at eviction are encoded again by
+ * a stronger one (`codec`, lz4hc) where that gives a smaller blob, as zram's
+ * recompress does for idle pages.  An LZ4 block decodes the same whichever
+ * LZ4 encoder made it, so nothing records which one did; the stronger
+ * encoder's blobs are smaller and also decode faster (fewer, longer
+ * matches), which is what restores and prefetches then pay.
+ *
+ * The same steps as a prefetch: pin the blobs (locked), decode and encode
+ * unlocked, then swap in the new blob of every page still pinned (locked).
+ * Pinned means the copy is the one we read: only drop_copy() replaces a
+ * copy, and it unpins, leaving the pinned blob to us to free.  A fault in
+ * between reads the old blob under s->lock, and the swap is under s->lock
+ * too, so no blob is freed while read.  Operations run one at a time per
+ * session, so no prefetch pins these pages meanwhile.  Raw copies (the
+ * page did not shrink enough) and same-filled pages are left as they are.
+ */
+static void recompress_batch(struct mc_session *s, struct range *r, uint64_t first, uint64_t n,
+			     uint32_t codec, uint8_t *page, uint8_t *out, struct mc_op_result *res)
+{
+	struct page snap[PBATCH];
+	uint64_t blob[PBATCH]; /* the new copy's handle, 0: none */
+	uint16_t len[PBATCH];
+	bool pinned[PBATCH];
+	uint64_t attempts = 0, ok = 0;
+
+	pthread_mutex_lock(&s->lock);
+	for (uint64_t k = 0; k < n; k++) {
+		struct page *p = &r->pages[first + k];
+		snap[k] = *p;
+		blob[k] = 0;
+		pinned[k] = (p->state == MC_COMPRESSED || p->state == MC_CLEAN) && p->copy &&
+			    p->csize < PAGE && !(p->flags & (MC_PF_SAME | MC_PF_PINNED | MC_PF_SAMPLED));
+		if (pinned[k])
+			p->flags |= MC_PF_PINNED;
+		res->pages_seen++;
+	}
+	pthread_mutex_unlock(&s->lock);
+
+	for (uint64_t k = 0; k < n; k++) {
+		void *slot;
+		int l;
+		if (!pinned[k])
+			continue;
+		attempts++;
+		if (page_bytes(&snap[k], page))
+			continue; /* undecodable: a fault on it says so, not us */
+		l = codec_compress_as(codec, page, out, snap[k].csize - 1);
+		if (l <= 0 || store_slot_size((uint32_t)l) >= store_slot_size(snap[k].csize))
+			continue; /* no smaller in the store */
+		blob[k] = store_alloc((uint32_t)l, &slot);
+		if (!blob[k])
+			continue;
+		memcpy(slot, out, (size_t)l);
+		len[k] = (uint16_t)l;
+	}
+
+	pthread_mutex_lock(&s->lock);
+	for (uint64_t k = 0; k < n; k++) {
+		struct page *p = &r->pages[first + k];
+		if (!pinned[k]) {
+			res->pages_skipped++;
+			continue;
+		}
+		if (!(p->flags & MC_PF_PINNED)) { /* the copy was dropped meanwhile: both blobs are ours */
+			store_free(snap[k].copy, snap[k].csize);
+			if (blob[k])
+				store_free(blob[k], len[k]);
+			res->pages_skipped++;
+			continue;
+		}
+		p->flags &= (uint8_t)~MC_PF_PINNED;
+		if (!blob[k]) {
+			res->pages_skipped++;
+			continue;
+		}
+		set_copy(s, r, p, blob[k], len[k], false); /* frees the old blob */
+		ok++;
+		res->pages_done++;
+		res->bytes_in += snap[k].csize;
+		res->bytes_out += len[k];
+	}
+	s->c.recompress_attempts += attempts;
+	s->c.recompress_ok += ok;
+	if (ok)
+		trace_add(s, MC_TR_RECOMPRESS, r->index, first, ok, 0, 0);
+	pthread_mutex_unlock(&s->lock);
+}
+
+int mc_recompress(struct mc_session *s, const struct mc_run *runs, size_t nruns, uint32_t codec,
+		  struct mc_op_result *res)
+{
+	uint8_t *page, *out;
+	int rc = check_runs(s, runs, nruns);
+
+	memset(res, 0, sizeof *res);
+	if (rc)
+		return rc;
+	if (codec > MC_CODEC_LZ4FAST)
+		return -EINVAL;
+	page = aligned_alloc(PAGE, PAGE);
+	out = malloc(PAGE);
+	if (!page || !out) {
+		free(page);
+		free(out);
+		return -ENOMEM;
+	}
+	for (size_t i = 0; i < nruns && !rc; i++) {
+		struct range *r = &s->ranges[runs[i].range];
+		for (uint64_t pos = 0; pos < runs[i].count; pos += PBATCH) {
+			uint64_t n = runs[i].count - pos < PBATCH ? runs[i].count - pos : PBATCH;
+			if (atomic_load(&s->dead)) {
+				rc = -ESRCH;
+				break;
+			}
+			recompress_batch(s, r, runs[i].first + pos, n, codec, page, out, res);
+		}
+	}
+	free(page);
+	free(out);
+	return rc;
+}
