@@ -500,6 +500,13 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def section(title: str, rows: list[list[str]], text: str = "") -> list[str]:
+    """A report section: its title, what it shows, its table; nothing without rows."""
+    if len(rows) < 2:
+        return []
+    return [f"### {title}\n"] + ([text] if text else []) + [table(rows), ""]
+
+
 def summary_tables(results: list[Result]) -> str:
     head = ["data", "system", "evict MB/s", "seq restore GB/s", "us/page", "rand p50 us", "p99 us",
             "p99.9 us", "prefetch GB/s", "saved MiB", "held MiB", "ratio", "pager CPU s", "verify"]
@@ -514,7 +521,7 @@ def summary_tables(results: list[Result]) -> str:
                      f"{r.rand_p999_us:.1f}", f"{r.prefetch_gbps:.2f}" if r.system == "memfs" else "-",
                      f"{r.saved_kb / 1024:.0f}", f"{r.holder_kb / 1024:.0f}", f"{r.ratio:.2f}",
                      f"{r.pager_cpu_s:.2f}", "ok" if r.verify_bad == 0 else f"{r.verify_bad} bad"])
-    out = ["### Per system\n", table(rows), ""]
+    out = section("Per system", rows)
     grows = [["data", "memfs/zram", "ratio", "goal", "verdict"]]
     for ds in dict.fromkeys(r.dataset for r in results):
         z = next((r for r in results if r.dataset == ds and r.system == "zram"), None)
@@ -528,7 +535,7 @@ def summary_tables(results: list[Result]) -> str:
         if m.rc_prefetch_gbps:
             grows.append([ds, "prefetch, recompressed (GB/s)", f"{m.rc_prefetch_gbps:.2f}", ">= 2",
                           verdict(m.rc_prefetch_gbps, 2.0, True)])
-    out += ["### Ratios memfs/zram and goals\n", table(grows), ""]
+    out += section("Ratios memfs/zram and goals", grows)
     frows = [["data", "floor p50 us", "floor p99 us", "floor/zram p50", "floor/zram p99",
               "memfs/floor p50", "memfs/floor p99"]]
     for ds in dict.fromkeys(r.dataset for r in results):
@@ -538,26 +545,23 @@ def summary_tables(results: list[Result]) -> str:
             frows.append([ds, f"{f.rand_p50_us:.1f}", f"{f.rand_p99_us:.1f}",
                           f"{f.rand_p50_us / z.rand_p50_us:.2f}", f"{f.rand_p99_us / z.rand_p99_us:.2f}",
                           f"{m.rand_p50_us / f.rand_p50_us:.2f}", f"{m.rand_p99_us / f.rand_p99_us:.2f}"])
-    if len(frows) > 1:
-        out += ["### The floor: a bare userfaultfd round trip, against zram and memfs\n",
-                "The same random reads, served by a handler in another process that copies in one\n"
-                "constant page and does nothing else, pinned to the reader's CPU (memfs-target `bare`).\n"
-                "No user-space pager can serve a fault faster here; floor/zram is the part of the\n"
-                "random-fault goals that is the mechanism's, memfs/floor the part that is memfs's.\n",
-                table(frows), ""]
+    out += section("The floor: a bare userfaultfd round trip, against zram and memfs", frows,
+                   "The same random reads, served by a handler in another process that copies in one\n"
+                   "constant page and does nothing else, pinned to the reader's CPU (memfs-target `bare`).\n"
+                   "No user-space pager can serve a fault faster here; floor/zram is the part of the\n"
+                   "random-fault goals that is the mechanism's, memfs/floor the part that is memfs's.\n")
     srows = [["data", "system", "us per touch", "slow touches %", "slow per s"]]
     for r in results:
         srows.append([r.dataset, r.system, f"{r.rand_mean_us:.1f}", f"{r.rand_slow_pct:.2f}",
                       f"{r.rand_slow_per_s:.0f}"])
-    out += ["### Slow random reads: how many, and how often\n",
-            "A touch over 40 us (memfs-target's SLOW_NS, about three times zram's p99 here) has\n"
-            "nearly always met the machine, not the pager: a timer tick or the host took the CPU\n"
-            "during it (machine noise, above), and the floor, which does no work, has them too.\n"
-            "A p99 stays under 40 us only while fewer than 1 % of the touches are slow, and that\n"
-            "share is the rate (slow touches per second of reading) times the time a touch takes.\n"
-            "A pager whose rate is near the floor's adds no slow touches of its own; it spends\n"
-            "longer in each touch, and so meets more of the machine's.\n",
-            table(srows), ""]
+    out += section("Slow random reads: how many, and how often", srows,
+                   "A touch over 40 us (memfs-target's SLOW_NS, about three times zram's p99 here) has\n"
+                   "nearly always met the machine, not the pager: a timer tick or the host took the CPU\n"
+                   "during it (machine noise, above), and the floor, which does no work, has them too.\n"
+                   "A p99 stays under 40 us only while fewer than 1 % of the touches are slow, and that\n"
+                   "share is the rate (slow touches per second of reading) times the time a touch takes.\n"
+                   "A pager whose rate is near the floor's adds no slow touches of its own; it spends\n"
+                   "longer in each touch, and so meets more of the machine's.\n")
     prows = [["data", "copies", "prefetch GB/s", "decode us/page", "copy-in us/page", "ceiling GB/s", "of ceiling"]]
     for r in results:
         if r.system != "memfs":
@@ -569,15 +573,13 @@ def summary_tables(results: list[Result]) -> str:
                 ceiling = prefetch_threads() * PAGE / (decode + copy) / 1000
                 prows.append([r.dataset, copies, f"{gbps:.2f}", f"{decode:.2f}", f"{copy:.2f}",
                               f"{ceiling:.2f}", f"{gbps / ceiling:.0%}"])
-    if len(prows) > 1:
-        out += ["### Prefetch: where its CPU goes\n",
-                f"Per page restored, the CPU the prefetch's threads spent decoding the copy (the codec, in\n"
-                f"user space) and copying the page in (UFFDIO_COPY: the kernel allocates, charges, fills\n"
-                f"and maps a page), from the session counters prefetch_decode_ns and prefetch_copy_ns:\n"
-                f"for the copies eviction made (lz4), and again after `recompress` (lz4hc, below).\n"
-                f"The ceiling is what {prefetch_threads()} threads would reach doing nothing else: "
-                f"{prefetch_threads()} x 4 KiB\nover decode + copy-in.\n",
-                table(prows), ""]
+    out += section("Prefetch: where its CPU goes", prows,
+                   f"Per page restored, the CPU the prefetch's threads spent decoding the copy (the codec, in\n"
+                   f"user space) and copying the page in (UFFDIO_COPY: the kernel allocates, charges, fills\n"
+                   f"and maps a page), from the session counters prefetch_decode_ns and prefetch_copy_ns:\n"
+                   f"for the copies eviction made (lz4), and again after `recompress` (lz4hc, below).\n"
+                   f"The ceiling is what {prefetch_threads()} threads would reach doing nothing else: "
+                   f"{prefetch_threads()} x 4 KiB\nover decode + copy-in.\n")
     rrows = [["data", "recompress MB/s", "daemon CPU s", "ratio lz4", "ratio lz4hc", "zram ratio",
               "prefetch GB/s lz4", "lz4hc"]]
     for ds in dict.fromkeys(r.dataset for r in results):
@@ -586,13 +588,11 @@ def summary_tables(results: list[Result]) -> str:
             rrows.append([ds, f"{m.recompress_mbps:.0f}", f"{m.recompress_cpu_s:.2f}", f"{m.ratio:.2f}",
                           f"{m.recompressed_ratio:.2f}", f"{z.ratio:.2f}" if z else "-",
                           f"{m.prefetch_gbps:.2f}", f"{m.rc_prefetch_gbps:.2f}"])
-    if len(rrows) > 1:
-        out += ["### Recompress: the same copies again with lz4hc\n",
-                "After the prefetches, `recompress` is written to the session's ctl: every copy is\n"
-                "encoded again with lz4hc and kept where the blob gets smaller, as zram's recompress\n"
-                "does for idle pages (throughput in logical MB/s of the region).  Then the same\n"
-                "prefetches again.  Eviction itself keeps lz4: lz4hc encodes several times slower.\n",
-                table(rrows), ""]
+    out += section("Recompress: the same copies again with lz4hc", rrows,
+                   "After the prefetches, `recompress` is written to the session's ctl: every copy is\n"
+                   "encoded again with lz4hc and kept where the blob gets smaller, as zram's recompress\n"
+                   "does for idle pages (throughput in logical MB/s of the region).  Then the same\n"
+                   "prefetches again.  Eviction itself keeps lz4: lz4hc encodes several times slower.\n")
     mrows = [["data", "system", "VmRSS before KiB", "after evict KiB", "after readback KiB", "VmHWM KiB",
               "evict wall ms", "evict CPU ms", "readback wall ms", "readback CPU ms"]]
     for r in results:
@@ -601,7 +601,7 @@ def summary_tables(results: list[Result]) -> str:
         mrows.append([r.dataset, r.system, str(r.rss_before_kb), str(r.rss_after_evict_kb),
                       str(r.rss_after_readback_kb), str(r.vmhwm_kb), f"{r.evict_ms:.0f}", f"{r.evict_cpu_ms:.0f}",
                       f"{r.seq_restore_ms:.0f}", f"{r.seq_cpu_ms:.0f}"])
-    out += ["### Process memory (the target's RssAnon; CPU of target and daemon together)\n", table(mrows), ""]
+    out += section("Process memory (the target's RssAnon; CPU of target and daemon together)", mrows)
     return "\n".join(out)
 
 

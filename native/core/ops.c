@@ -35,6 +35,14 @@
 #define RBATCH 16
 #define PBATCH 64
 
+/* What a batch function gets besides its pages: the operation's scratch and result. */
+struct batch_args {
+	uint32_t arg; /* flags, or a codec */
+	uint8_t *buf; /* `pages` pages */
+	uint8_t *out; /* one page */
+	struct mc_op_result *res;
+};
+
 static int check_run(struct mc_session *s, const struct mc_run *run)
 {
 	if (run->range >= s->nranges || run->first > s->ranges[run->range].npages ||
@@ -87,8 +95,11 @@ static void wp_cands(struct mc_session *s, struct range *r, struct cand *c, int 
 }
 
 static int compress_batch(struct mc_session *s, struct range *r, uint64_t first, uint64_t n,
-			  uint32_t flags, uint8_t *buf, uint8_t *out, struct mc_op_result *res)
+			  struct batch_args *a)
 {
+	uint32_t flags = a->arg;
+	uint8_t *buf = a->buf, *out = a->out;
+	struct mc_op_result *res = a->res;
 	struct cand c[CBATCH];
 	struct iovec local[CBATCH], remote[CBATCH];
 	int nc = 0, nio = 0;
@@ -231,35 +242,40 @@ static int compress_batch(struct mc_session *s, struct range *r, uint64_t first,
 	return 0;
 }
 
+/*
+ * Call `fn` on the runs' pages, `pages` at a time, until it fails or the
+ * session dies (-ESRCH); `args` gets scratch for `pages` pages and one more.
+ */
+static int each_batch(struct mc_session *s, const struct mc_run *runs, size_t nruns, uint64_t pages,
+		      int (*fn)(struct mc_session *, struct range *, uint64_t, uint64_t, struct batch_args *),
+		      struct batch_args *args)
+{
+	int rc = check_runs(s, runs, nruns);
+
+	memset(args->res, 0, sizeof *args->res);
+	if (rc)
+		return rc;
+	args->buf = aligned_alloc(PAGE, pages * PAGE);
+	args->out = malloc(PAGE);
+	for (size_t i = 0; i < nruns && !rc && args->buf && args->out; i++) {
+		struct range *r = &s->ranges[runs[i].range];
+		for (uint64_t pos = 0; pos < runs[i].count && !rc; pos += pages) {
+			uint64_t n = runs[i].count - pos < pages ? runs[i].count - pos : pages;
+			rc = atomic_load(&s->dead) ? -ESRCH : fn(s, r, runs[i].first + pos, n, args);
+		}
+	}
+	if (!args->buf || !args->out)
+		rc = -ENOMEM;
+	free(args->buf);
+	free(args->out);
+	return rc;
+}
+
 int mc_compress(struct mc_session *s, const struct mc_run *runs, size_t nruns, uint32_t flags,
 		struct mc_op_result *res)
 {
-	uint8_t *buf, *out;
-	int rc = check_runs(s, runs, nruns);
-
-	memset(res, 0, sizeof *res);
-	if (rc)
-		return rc;
-	buf = aligned_alloc(PAGE, CBATCH * PAGE);
-	out = malloc(PAGE);
-	if (!buf || !out) {
-		free(buf);
-		free(out);
-		return -ENOMEM;
-	}
-	for (size_t i = 0; i < nruns && !rc; i++) {
-		struct range *r = &s->ranges[runs[i].range];
-		for (uint64_t pos = 0; pos < runs[i].count && !rc; pos += CBATCH) {
-			uint64_t n = runs[i].count - pos < CBATCH ? runs[i].count - pos : CBATCH;
-			if (atomic_load(&s->dead))
-				rc = -ESRCH;
-			else
-				rc = compress_batch(s, r, runs[i].first + pos, n, flags, buf, out, res);
-		}
-	}
-	free(buf);
-	free(out);
-	return rc;
+	struct batch_args a = {.arg = flags, .res = res};
+	return each_batch(s, runs, nruns, CBATCH, compress_batch, &a);
 }
 
 int64_t mc_evict_prepare(struct mc_session *s, const struct mc_run *runs, size_t nruns,
@@ -626,9 +642,12 @@ int mc_mark_prefetch(struct mc_session *s, const struct mc_run *runs, size_t nru
  * session, so no prefetch pins these pages meanwhile.  Raw copies (the
  * page did not shrink enough) and same-filled pages are left as they are.
  */
-static void recompress_batch(struct mc_session *s, struct range *r, uint64_t first, uint64_t n,
-			     uint32_t codec, uint8_t *page, uint8_t *out, struct mc_op_result *res)
+static int recompress_batch(struct mc_session *s, struct range *r, uint64_t first, uint64_t n,
+			    struct batch_args *a)
 {
+	uint32_t codec = a->arg;
+	uint8_t *page = a->buf, *out = a->out;
+	struct mc_op_result *res = a->res;
 	struct page snap[PBATCH];
 	uint64_t blob[PBATCH]; /* the new copy's handle, 0: none */
 	uint16_t len[PBATCH];
@@ -696,38 +715,16 @@ static void recompress_batch(struct mc_session *s, struct range *r, uint64_t fir
 	if (ok)
 		trace_add(s, MC_TR_RECOMPRESS, r->index, first, ok, 0, 0);
 	pthread_mutex_unlock(&s->lock);
+	return 0;
 }
 
 int mc_recompress(struct mc_session *s, const struct mc_run *runs, size_t nruns, uint32_t codec,
 		  struct mc_op_result *res)
 {
-	uint8_t *page, *out;
-	int rc = check_runs(s, runs, nruns);
-
-	memset(res, 0, sizeof *res);
-	if (rc)
-		return rc;
-	if (codec > MC_CODEC_LZ4FAST)
+	struct batch_args a = {.arg = codec, .res = res};
+	if (codec > MC_CODEC_LZ4FAST) {
+		memset(res, 0, sizeof *res);
 		return -EINVAL;
-	page = aligned_alloc(PAGE, PAGE);
-	out = malloc(PAGE);
-	if (!page || !out) {
-		free(page);
-		free(out);
-		return -ENOMEM;
 	}
-	for (size_t i = 0; i < nruns && !rc; i++) {
-		struct range *r = &s->ranges[runs[i].range];
-		for (uint64_t pos = 0; pos < runs[i].count; pos += PBATCH) {
-			uint64_t n = runs[i].count - pos < PBATCH ? runs[i].count - pos : PBATCH;
-			if (atomic_load(&s->dead)) {
-				rc = -ESRCH;
-				break;
-			}
-			recompress_batch(s, r, runs[i].first + pos, n, codec, page, out, res);
-		}
-	}
-	free(page);
-	free(out);
-	return rc;
+	return each_batch(s, runs, nruns, PBATCH, recompress_batch, &a);
 }
