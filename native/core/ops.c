@@ -552,9 +552,9 @@ static void prefetch_batch(struct mc_session *s, struct range *r, uint64_t first
 		restore_run(s, r, first + i, j - i, false, scratch + i * PAGE);
 		i = j;
 	}
-	restored_batch(s, r, first, n, was_out, false, res);
 	s->c.prefetch_decode_ns += t1 - t0;
 	s->c.prefetch_copy_ns += t3 - t2 + thread_cpu_ns() - t4; /* with the zero runs' */
+	restored_batch(s, r, first, n, was_out, false, res);
 	pthread_mutex_unlock(&s->lock);
 	pthread_rwlock_unlock(&s->events_gate);
 }
