@@ -645,9 +645,6 @@ int mc_mark_prefetch(struct mc_session *s, const struct mc_run *runs, size_t nru
 static int recompress_batch(struct mc_session *s, struct range *r, uint64_t first, uint64_t n,
 			    struct batch_args *a)
 {
-	uint32_t codec = a->arg;
-	uint8_t *page = a->buf, *out = a->out;
-	struct mc_op_result *res = a->res;
 	struct page snap[PBATCH];
 	uint64_t blob[PBATCH]; /* the new copy's handle, 0: none */
 	uint16_t len[PBATCH];
@@ -663,7 +660,7 @@ static int recompress_batch(struct mc_session *s, struct range *r, uint64_t firs
 			    p->csize < PAGE && !(p->flags & (MC_PF_SAME | MC_PF_PINNED | MC_PF_SAMPLED));
 		if (pinned[k])
 			p->flags |= MC_PF_PINNED;
-		res->pages_seen++;
+		a->res->pages_seen++;
 	}
 	pthread_mutex_unlock(&s->lock);
 
@@ -673,15 +670,15 @@ static int recompress_batch(struct mc_session *s, struct range *r, uint64_t firs
 		if (!pinned[k])
 			continue;
 		attempts++;
-		if (page_bytes(&snap[k], page))
+		if (page_bytes(&snap[k], a->buf))
 			continue; /* undecodable: a fault on it says so, not us */
-		l = codec_compress_as(codec, page, out, snap[k].csize - 1);
+		l = codec_compress_as(a->arg, a->buf, a->out, snap[k].csize - 1);
 		if (l <= 0 || store_slot_size((uint32_t)l) >= store_slot_size(snap[k].csize))
 			continue; /* no smaller in the store */
 		blob[k] = store_alloc((uint32_t)l, &slot);
 		if (!blob[k])
 			continue;
-		memcpy(slot, out, (size_t)l);
+		memcpy(slot, a->out, (size_t)l);
 		len[k] = (uint16_t)l;
 	}
 
@@ -689,26 +686,26 @@ static int recompress_batch(struct mc_session *s, struct range *r, uint64_t firs
 	for (uint64_t k = 0; k < n; k++) {
 		struct page *p = &r->pages[first + k];
 		if (!pinned[k]) {
-			res->pages_skipped++;
+			a->res->pages_skipped++;
 			continue;
 		}
 		if (!(p->flags & MC_PF_PINNED)) { /* the copy was dropped meanwhile: both blobs are ours */
 			store_free(snap[k].copy, snap[k].csize);
 			if (blob[k])
 				store_free(blob[k], len[k]);
-			res->pages_skipped++;
+			a->res->pages_skipped++;
 			continue;
 		}
 		p->flags &= (uint8_t)~MC_PF_PINNED;
 		if (!blob[k]) {
-			res->pages_skipped++;
+			a->res->pages_skipped++;
 			continue;
 		}
 		set_copy(s, r, p, blob[k], len[k], false); /* frees the old blob */
 		ok++;
-		res->pages_done++;
-		res->bytes_in += snap[k].csize;
-		res->bytes_out += len[k];
+		a->res->pages_done++;
+		a->res->bytes_in += snap[k].csize;
+		a->res->bytes_out += len[k];
 	}
 	s->c.recompress_attempts += attempts;
 	s->c.recompress_ok += ok;
