@@ -315,9 +315,9 @@ class NativeSession:
         return out
 
     @_guarded
-    def recompress(self, runs: list[Run], codec: str = "lz4hc") -> OpResult:
+    def recompress(self, runs: list[Run]) -> OpResult:
         res = ffi.new("struct mc_op_result *")
-        rc = lib.mc_recompress(self._s, runs_array(runs), len(runs), CODECS[codec], res)
+        rc = lib.mc_recompress(self._s, runs_array(runs), len(runs), res)
         out = OpResult()
         out.add(res)
         check(rc, "recompress")

@@ -30,7 +30,7 @@
 #define MC_PF_PREFETCH_PENDING 0x10 /* asked for by a prefetch, not restored yet */
 #define MC_PF_INCOMPRESSIBLE 0x20   /* last attempt did not pay; skipped until written */
 #define MC_PF_SAMPLED 0x40          /* moved to the staging area by the sampler */
-#define MC_PF_PINNED 0x80           /* a prefetch decodes the blob unlocked: a drop leaves it to it */
+#define MC_PF_PINNED 0x80           /* a prefetch or recompress reads the blob unlocked: a drop leaves it to it */
 
 /* Codecs: all produce LZ4 blocks (the format of python-lz4's lz4.block). */
 #define MC_CODEC_LZ4 0
@@ -227,8 +227,7 @@ int mc_evict_complete(struct mc_session *s, const struct mc_addr_run *runs, size
 int mc_restore(struct mc_session *s, const struct mc_run *runs, size_t nruns, uint32_t flags,
 	       struct mc_op_result *res);
 int mc_mark_prefetch(struct mc_session *s, const struct mc_run *runs, size_t nruns);
-int mc_recompress(struct mc_session *s, const struct mc_run *runs, size_t nruns, uint32_t codec,
-		  struct mc_op_result *res);
+int mc_recompress(struct mc_session *s, const struct mc_run *runs, size_t nruns, struct mc_op_result *res);
 
 /* access sampling: the agent moves pages to the staging area; a fault on one means "used" */
 int64_t mc_sample_prepare(struct mc_session *s, const struct mc_run *pages, size_t n,

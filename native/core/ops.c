@@ -37,7 +37,7 @@
 
 /* What a batch function gets besides its pages: the operation's scratch and result. */
 struct batch_args {
-	uint32_t arg; /* flags, or a codec */
+	uint32_t flags; /* compress's */
 	uint8_t *buf; /* `pages` pages */
 	uint8_t *out; /* one page */
 	struct mc_op_result *res;
@@ -97,7 +97,7 @@ static void wp_cands(struct mc_session *s, struct range *r, struct cand *c, int 
 static int compress_batch(struct mc_session *s, struct range *r, uint64_t first, uint64_t n,
 			  struct batch_args *a)
 {
-	uint32_t flags = a->arg;
+	uint32_t flags = a->flags;
 	uint8_t *buf = a->buf, *out = a->out;
 	struct mc_op_result *res = a->res;
 	struct cand c[CBATCH];
@@ -274,7 +274,7 @@ static int each_batch(struct mc_session *s, const struct mc_run *runs, size_t nr
 int mc_compress(struct mc_session *s, const struct mc_run *runs, size_t nruns, uint32_t flags,
 		struct mc_op_result *res)
 {
-	struct batch_args a = {.arg = flags, .res = res};
+	struct batch_args a = {.flags = flags, .res = res};
 	return each_batch(s, runs, nruns, CBATCH, compress_batch, &a);
 }
 
@@ -415,6 +415,23 @@ static void settle_evicting(struct mc_session *s, struct range *r, uint64_t firs
 	}
 }
 
+/*
+ * The pin protocol, for a blob read without s->lock (prefetch, recompress):
+ * set MC_PF_PINNED under the lock first; drop_copy() of a pinned page then
+ * unpins it and leaves the blob to the pinner.  Back under the lock, the
+ * pinner unpins: true if the page's copy is still the one pinned (`snap`),
+ * false if it was dropped meanwhile, and then its blob is freed here.
+ */
+static bool unpin_copy(struct page *p, const struct page *snap)
+{
+	if (!(p->flags & MC_PF_PINNED)) {
+		store_free(snap->copy, snap->csize);
+		return false;
+	}
+	p->flags &= (uint8_t)~MC_PF_PINNED;
+	return true;
+}
+
 /* After a batch was restored: count it, stamp the pages that came back (caller holds s->lock). */
 static void restored_batch(struct mc_session *s, struct range *r, uint64_t first, uint64_t n,
 			   const bool *was_out, bool final, struct mc_op_result *res)
@@ -499,14 +516,8 @@ static void prefetch_batch(struct mc_session *s, struct range *r, uint64_t first
 	pthread_mutex_lock(&s->lock);
 	for (uint64_t k = 0; k < n; k++) {
 		struct page *p = &r->pages[first + k];
-		if (pinned[k]) {
-			if (p->flags & MC_PF_PINNED) {
-				p->flags &= (uint8_t)~MC_PF_PINNED;
-			} else { /* the copy was dropped meanwhile: its blob is ours to free */
-				store_free(snap[k].copy, snap[k].csize);
-				ready[k] = false;
-			}
-		}
+		if (pinned[k] && !unpin_copy(p, &snap[k]))
+			ready[k] = false;
 		/* only what is still evicted with the same copy goes in */
 		if (ready[k] && (p->state != snap[k].state || p->copy != snap[k].copy))
 			ready[k] = false;
@@ -626,21 +637,20 @@ int mc_mark_prefetch(struct mc_session *s, const struct mc_run *runs, size_t nru
 }
 
 /*
- * Recompress: copies made by the fast codec at eviction are encoded again by
- * a stronger one (`codec`, lz4hc) where that gives a smaller blob, as zram's
- * recompress does for idle pages.  An LZ4 block decodes the same whichever
- * LZ4 encoder made it, so nothing records which one did; the stronger
- * encoder's blobs are smaller and also decode faster (fewer, longer
- * matches), which is what restores and prefetches then pay.
+ * Recompress: copies made by the fast codec at eviction are encoded again
+ * by lz4hc where that gives a smaller blob, as zram's recompress does for
+ * idle pages.  An LZ4 block decodes the same whichever LZ4 encoder made
+ * it, so nothing records which one did; the stronger encoder's blobs are
+ * smaller and also decode faster (fewer, longer matches), which is what
+ * restores and prefetches then pay.
  *
  * The same steps as a prefetch: pin the blobs (locked), decode and encode
- * unlocked, then swap in the new blob of every page still pinned (locked).
- * Pinned means the copy is the one we read: only drop_copy() replaces a
- * copy, and it unpins, leaving the pinned blob to us to free.  A fault in
- * between reads the old blob under s->lock, and the swap is under s->lock
- * too, so no blob is freed while read.  Operations run one at a time per
- * session, so no prefetch pins these pages meanwhile.  Raw copies (the
- * page did not shrink enough) and same-filled pages are left as they are.
+ * unlocked, then swap in the new blob of every page still pinned (locked;
+ * see unpin_copy()).  A fault in between reads the old blob under s->lock,
+ * and the swap is under s->lock too, so no blob is freed while read.
+ * Operations run one at a time per session, so no prefetch pins these
+ * pages meanwhile.  Raw copies (the page did not shrink enough) and
+ * same-filled pages are left as they are.
  */
 static int recompress_batch(struct mc_session *s, struct range *r, uint64_t first, uint64_t n,
 			    struct batch_args *a)
@@ -672,7 +682,7 @@ static int recompress_batch(struct mc_session *s, struct range *r, uint64_t firs
 		attempts++;
 		if (page_bytes(&snap[k], a->buf))
 			continue; /* undecodable: a fault on it says so, not us */
-		l = codec_compress_as(a->arg, a->buf, a->out, snap[k].csize - 1);
+		l = codec_compress_as(MC_CODEC_LZ4HC, a->buf, a->out, snap[k].csize - 1);
 		if (l <= 0 || store_slot_size((uint32_t)l) >= store_slot_size(snap[k].csize))
 			continue; /* no smaller in the store */
 		blob[k] = store_alloc((uint32_t)l, &slot);
@@ -689,14 +699,12 @@ static int recompress_batch(struct mc_session *s, struct range *r, uint64_t firs
 			a->res->pages_skipped++;
 			continue;
 		}
-		if (!(p->flags & MC_PF_PINNED)) { /* the copy was dropped meanwhile: both blobs are ours */
-			store_free(snap[k].copy, snap[k].csize);
+		if (!unpin_copy(p, &snap[k])) { /* the copy was dropped meanwhile: ours is no use either */
 			if (blob[k])
 				store_free(blob[k], len[k]);
 			a->res->pages_skipped++;
 			continue;
 		}
-		p->flags &= (uint8_t)~MC_PF_PINNED;
 		if (!blob[k]) {
 			a->res->pages_skipped++;
 			continue;
@@ -715,13 +723,8 @@ static int recompress_batch(struct mc_session *s, struct range *r, uint64_t firs
 	return 0;
 }
 
-int mc_recompress(struct mc_session *s, const struct mc_run *runs, size_t nruns, uint32_t codec,
-		  struct mc_op_result *res)
+int mc_recompress(struct mc_session *s, const struct mc_run *runs, size_t nruns, struct mc_op_result *res)
 {
-	struct batch_args a = {.arg = codec, .res = res};
-	if (codec > MC_CODEC_LZ4FAST) {
-		memset(res, 0, sizeof *res);
-		return -EINVAL;
-	}
+	struct batch_args a = {.res = res};
 	return each_batch(s, runs, nruns, PBATCH, recompress_batch, &a);
 }

@@ -69,7 +69,7 @@ void drop_copy(struct mc_session *s, struct range *r, struct page *p)
 		return;
 	account_copy(s, r, p, -1);
 	if (p->flags & MC_PF_PINNED)
-		p->flags &= (uint8_t)~MC_PF_PINNED; /* the prefetch decoding it frees the blob */
+		p->flags &= (uint8_t)~MC_PF_PINNED; /* its pinner frees the blob (unpin_copy in ops.c) */
 	else if (!(p->flags & MC_PF_SAME))
 		store_free(p->copy, p->csize);
 	p->copy = 0;
