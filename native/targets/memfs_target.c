@@ -316,10 +316,10 @@ static int cmp_u64(const void *a, const void *b)
 }
 
 /*
- * A touch slower than this has, on the VM this was written on, nearly always
- * met the machine (a timer tick, the host) rather than the pager: it is
- * about three times zram's random-fault p99 there, the line the p99 goal
- * draws, and below the machine's typical gap (memfs-target `gaps`).
+ * A touch slower than this met more than the work of its fault: on the VM
+ * this was written on, a timer tick or the host (a typical gap, `gaps`
+ * below, is longer), or a slow path of the pager's.  It sits a little under
+ * the p99 goal's line there (three times zram's random-fault p99).
  */
 #define SLOW_NS 40000u
 
