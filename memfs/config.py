@@ -43,6 +43,17 @@ def _bytes_or_max(text: str):
         raise ValueError(f"not a size: {text!r} (bytes, with K/M/G suffix, or max)")
 
 
+def _or_max(parse: Callable[[str], object]) -> Callable[[str], object]:
+    def parse_or_max(text: str):
+        if text == "max":
+            return MAX
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise ValueError(f"{e} (or max)")
+    return parse_or_max
+
+
 def _choice(*names: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in names:
@@ -103,6 +114,9 @@ SETTINGS = {s.name: s for s in [
     Setting("policy", "compress", _choice("off", "compress", "evict"),
             "what the daemon does by itself with cold pages: nothing, give them compressed copies, "
             "or evict them (above the soft cap the coldest are evicted unless off)", per_session=True),
+    Setting("recompress_age_ms", MAX, _or_max(_number_range(int, 1, 86_400_000)),
+            "copies of pages idle this long are encoded again with lz4hc by the policy, where that "
+            "makes them smaller, once per copy (max: never)", per_session=True),
     Setting("promotion_target_pct", 0.2, _number_range(float, 0.0, 100.0),
             "promotions (faults that restore an evicted page) per minute, in percent of the working "
             "set, above which the policy backs off", per_session=True),

@@ -66,8 +66,8 @@ async def run_on_session(session, cmd: Command, range_index: int | None = None,
 
 def _shares(sessions, verb: str, wanted: int) -> dict:
     """Split `wanted` pages over sessions, oldest pages first across all of them."""
-    states = selection.CANDIDATES[verb]
-    hists = {s: s.native.age_hist(None, states) for s in sessions}
+    c = selection.CANDIDATES[verb]
+    hists = {s: s.native.age_hist(None, c.states, skip=c.skip) for s in sessions}
     classes = len(next(iter(hists.values()))) if hists else 0
     order = range(classes - 1, -1, -1) if verb != "prefetch" else range(classes)
     share = dict.fromkeys(sessions, 0)

@@ -21,9 +21,9 @@ PAGE_SIZE = lib.MC_PAGE_SIZE
 STATES = ("untouched", "resident", "clean", "compressed", "zero", "evicting")
 SHOWN_STATES = STATES + ("sampled",)  # what `pages` says: a sampled page is out for a moment
 STATE_BITS = {name: 1 << i for i, name in enumerate(STATES)}
-FLAGS = {"same": lib.MC_PF_SAME, "compressing": lib.MC_PF_COMPRESSING, "held": lib.MC_PF_HELD,
-         "prefetched": lib.MC_PF_PREFETCHED, "prefetch_pending": lib.MC_PF_PREFETCH_PENDING,
-         "incompressible": lib.MC_PF_INCOMPRESSIBLE, "sampled": lib.MC_PF_SAMPLED}
+# What select() and age_hist() may leave out (`skip`, or-ed):
+SKIP_INCOMPRESSIBLE = lib.MC_PF_INCOMPRESSIBLE  # the last compression did not pay (tried again once written)
+SKIP_RECOMPRESSED = lib.MC_SKIP_RECOMPRESSED  # recompress dealt with the copy (again once it is a new one)
 CODECS = {"lz4": lib.MC_CODEC_LZ4, "lz4hc": lib.MC_CODEC_LZ4HC, "lz4fast": lib.MC_CODEC_LZ4FAST}
 TRACE_KINDS = {lib.MC_TR_FAULT: "fault", lib.MC_TR_ZEROFILL: "zerofill", lib.MC_TR_WRITE: "write",
                lib.MC_TR_HELD: "held", lib.MC_TR_RELEASE: "release", lib.MC_TR_EVICT: "evict",
@@ -366,29 +366,27 @@ class NativeSession:
     # -- inspection ------------------------------------------------------------
     @_guarded
     def select(self, range_index: int | None, states: int, min_age_ms: int = 0,
-               max_pages: int = 0, order: int = 0, skip_incompressible: bool = False) -> tuple[list[Run], int]:
-        """Runs of pages in `states` (a STATE_BITS mask) idle >= min_age_ms; with
-        max_pages, order > 0 takes the oldest first, < 0 the youngest first.
-        skip_incompressible leaves out pages whose last compression did not pay
-        (they are tried again once written)."""
+               max_pages: int = 0, order: int = 0, skip: int = 0) -> tuple[list[Run], int]:
+        """Runs of pages in `states` (a STATE_BITS mask) idle >= min_age_ms, but
+        those `skip` (SKIP_*) leaves out; with max_pages, order > 0 takes the
+        oldest first, < 0 the youngest first."""
         cap = 4096
         while True:
             out = ffi.new("struct mc_run[]", cap)
             npages = ffi.new("uint64_t *")
             n = check(lib.mc_select(self._s, -1 if range_index is None else range_index, states,
-                                    min_age_ms, lib.MC_PF_INCOMPRESSIBLE if skip_incompressible else 0,
-                                    max_pages, order, out, cap,
-                                    npages), "select")
+                                    min_age_ms, skip, max_pages, order, out, cap, npages), "select")
             if n < cap:
                 return [(out[i].range, out[i].first, out[i].count) for i in range(n)], npages[0]
             cap *= 4
 
     @_guarded
-    def age_hist(self, range_index: int | None, states: int, min_age_ms: int = 0) -> list[int]:
-        """Pages in `states` by age class: class 0 is age 0, class k holds ages in [2**(k-1), 2**k) ms."""
+    def age_hist(self, range_index: int | None, states: int, min_age_ms: int = 0, skip: int = 0) -> list[int]:
+        """The pages select() would take, by age class: class 0 is age 0, class k
+        holds ages in [2**(k-1), 2**k) ms."""
         out = ffi.new("uint64_t[]", lib.MC_AGE_CLASSES)
         check(lib.mc_age_hist(self._s, -1 if range_index is None else range_index, states,
-                              min_age_ms, out), "age histogram")
+                              min_age_ms, skip, out), "age histogram")
         return list(out)
 
     @_guarded

@@ -14,7 +14,12 @@ Every `damon_read_ms`, per session:
 3. Otherwise pages idle for the (backed-off) cold age are cold:
    `policy compress` gives them compressed copies in the background, so
    that evicting them later costs nothing; `policy evict` frees them.
-4. A fault rate above `degraded_fault_rate` (faults per second) sets the
+4. Then, unless `recompress_age_ms` is max, copies of pages idle that long
+   are encoded again with lz4hc (the `recompress` verb), oldest first, at
+   most RECOMPRESS_ROUND_PAGES a round: memory for CPU spent once per copy,
+   as zram's recompress of idle pages, without one round holding the
+   session's operations (a user's `echo evict > ctl`) for long.
+5. A fault rate above `degraded_fault_rate` (faults per second) sets the
    session's `degraded` event to 1; it goes back to 0 below half of it.
 
 Settings are read each round from the session's config (overrides, then
@@ -35,24 +40,31 @@ import time
 
 import trio
 
-from .core import PAGE_SIZE, STATE_BITS
+from .config import MAX
+from .core import PAGE_SIZE, SKIP_INCOMPRESSIBLE, STATE_BITS
+from .selection import CANDIDATES
 
 log = logging.getLogger("memfs.policy")
 
 MAX_BACKOFF = 64
 MAX_IDLE_ROUNDS = 60
+# 8 MiB of pages: about 0.1 s of CPU for text-like pages here (the bench's 1 GiB of
+# text took 13.5 s), so a tenth of a CPU per session at the default round of 1 s
+RECOMPRESS_ROUND_PAGES = 2048
 PRESENT = STATE_BITS["resident"] | STATE_BITS["clean"]
 
 
 class Policy:
-    COUNTERS = ("policy_rounds", "policy_compress_pages", "policy_evict_pages", "cold_page_marks",
-                "policy_backoffs", "policy_cold_age_ms", "promotion_rate_ppm", "policy_idle_waits")
+    COUNTERS = ("policy_rounds", "policy_compress_pages", "policy_evict_pages", "policy_recompress_pages",
+                "cold_page_marks", "policy_backoffs", "policy_cold_age_ms", "promotion_rate_ppm",
+                "policy_idle_waits")
 
     def __init__(self, session):
         self.session = session
         self.backoff = 1
         self.compressed = 0
         self.evicted = 0
+        self.recompressed = 0
         self.cold_marks = 0
         self.backoffs = 0
         self.rounds = 0
@@ -134,21 +146,33 @@ class Policy:
         else:
             # pages that did not compress last time are left alone until written:
             # offering them every round would cost an idle session CPU for nothing
-            runs, n = s.native.select(None, STATE_BITS["resident"], min_age_ms=age, skip_incompressible=True)
+            runs, n = s.native.select(None, STATE_BITS["resident"], min_age_ms=age, skip=SKIP_INCOMPRESSIBLE)
             self.cold_marks += n
             if runs:
                 self.compressed += (await pager.compress(runs)).done
+        recompress_age = cfg.get("recompress_age_ms")
+        if recompress_age is not MAX:
+            c = CANDIDATES["recompress"]  # each copy once: those done are skipped
+            runs, _ = s.native.select(None, c.states, min_age_ms=recompress_age,
+                                      max_pages=RECOMPRESS_ROUND_PAGES, order=1, skip=c.skip)
+            if runs:
+                self.recompressed += (await pager.recompress(runs)).done
 
     def _could_act(self, mode: str) -> bool:
         """Is there a page this policy could act on once it is old enough?"""
         s = self.session
+        if mode == "off":
+            return False
+        if s.config.get("recompress_age_ms") is not MAX:
+            c = CANDIDATES["recompress"]
+            if s.native.select(None, c.states, max_pages=1, skip=c.skip)[1] > 0:
+                return True
         if mode == "evict" and s.pager.source.can_free:
             return s.native.select(None, PRESENT, max_pages=1)[1] > 0
-        if mode == "compress":
-            return s.native.select(None, STATE_BITS["resident"], max_pages=1, skip_incompressible=True)[1] > 0
-        return False
+        # compress, and evict where pages cannot be freed (step() compresses them then)
+        return s.native.select(None, STATE_BITS["resident"], max_pages=1, skip=SKIP_INCOMPRESSIBLE)[1] > 0
 
     def counters(self) -> dict[str, int]:
-        return dict(zip(self.COUNTERS, (self.rounds, self.compressed, self.evicted, self.cold_marks,
-                                        self.backoffs, self.cold_age_ms(), self.promotion_rate_ppm,
-                                        self.idle_waits)))
+        return dict(zip(self.COUNTERS, (self.rounds, self.compressed, self.evicted, self.recompressed,
+                                        self.cold_marks, self.backoffs, self.cold_age_ms(),
+                                        self.promotion_rate_ppm, self.idle_waits)))

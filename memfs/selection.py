@@ -19,16 +19,24 @@ import errno
 import re
 from dataclasses import dataclass
 
-from .core import PAGE_SIZE, STATE_BITS, NativeSession, Run
+from .core import PAGE_SIZE, SKIP_RECOMPRESSED, STATE_BITS, NativeSession, Run
 
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
-# Pages an operation can act on, by verb: what `cold` and `bytes=` choose among.
+
+@dataclass(frozen=True)
+class Candidates:
+    """Pages an operation can act on: what `cold` and `bytes=` choose among."""
+    states: int  # a STATE_BITS mask
+    skip: int = 0  # core.SKIP_* (pages in those states that it would leave alone)
+
+
 CANDIDATES = {
-    "compress": STATE_BITS["resident"],
-    "evict": STATE_BITS["resident"] | STATE_BITS["clean"],
-    "prefetch": STATE_BITS["compressed"] | STATE_BITS["zero"],
-    "recompress": STATE_BITS["compressed"] | STATE_BITS["clean"],  # the pages with copies
+    "compress": Candidates(STATE_BITS["resident"]),
+    "evict": Candidates(STATE_BITS["resident"] | STATE_BITS["clean"]),
+    "prefetch": Candidates(STATE_BITS["compressed"] | STATE_BITS["zero"]),
+    # the pages with copies that recompress has not dealt with yet
+    "recompress": Candidates(STATE_BITS["compressed"] | STATE_BITS["clean"], SKIP_RECOMPRESSED),
 }
 
 
@@ -124,12 +132,13 @@ def resolve(sel: Selector, native: NativeSession, verb: str, range_index: int | 
         return _span_runs(native, range_index, sel.lo, sel.hi), 0
     if sel.kind == "addr":
         return _addr_runs(native, range_index, sel.lo, sel.hi), 0
-    states = CANDIDATES[verb]
+    c = CANDIDATES[verb]
     if sel.kind == "cold":
-        runs, _ = native.select(range_index, states, min_age_ms=cold_age_ms)
+        runs, _ = native.select(range_index, c.states, min_age_ms=cold_age_ms, skip=c.skip)
         return runs, 0
     wanted = -(-sel.nbytes // PAGE_SIZE)
-    runs, _ = native.select(range_index, states, max_pages=wanted, order=-1 if verb == "prefetch" else 1)
+    runs, _ = native.select(range_index, c.states, max_pages=wanted, order=-1 if verb == "prefetch" else 1,
+                            skip=c.skip)
     return runs, wanted
 
 

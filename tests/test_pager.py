@@ -105,8 +105,8 @@ async def test_oldest_first_selection_counts_only_pages_it_may_take(daemon, sock
     for i in range(1, 64, 4):
         await t.command(f"write {i} 170")  # young, resident, never tried
     resident = core.STATE_BITS["resident"]
-    assert s.native.select(None, resident, skip_incompressible=True)[1] == 16
-    runs, n = s.native.select(None, resident, max_pages=4, order=1, skip_incompressible=True)
+    assert s.native.select(None, resident, skip=core.SKIP_INCOMPRESSIBLE)[1] == 16
+    runs, n = s.native.select(None, resident, max_pages=4, order=1, skip=core.SKIP_INCOMPRESSIBLE)
     assert n == 4 and all(first % 4 == 1 for _, first, _ in runs), runs
 
 

@@ -133,6 +133,43 @@ async def test_promotions_make_the_policy_back_off_and_degraded_is_signalled(fsd
     assert seen is not None
 
 
+async def test_policy_recompresses_idle_copies_once_each(fsd, targets):
+    """With recompress_age_ms set (here for one session), idle copies get lz4hc in
+    rounds of at most 8 MiB, each copy once: the policy then goes idle, and only a
+    new copy (after a write) is encoded again."""
+    d = await fsd("--access-source", "none", "--policy", "compress", "--damon-read-ms", "100")
+    t = await targets(c_target(d.sock, 32, "--pattern", "text"))  # 8192 pages: four rounds at least
+    s = d.session_dir(t.session_id)
+    setting = s / "config" / "recompress_age_ms"
+    assert setting.read_text() == "max\n", "off unless asked for"
+    await sh(f"echo evict > {s}/ctl", check=True)
+    before = flat(s / "stat")
+    assert int(before["store_bytes_compressed"]) > 0 and int(before["recompress_attempts"]) == 0
+    rc, _, err = await sh(f"echo -5 > {setting}")
+    assert rc and "Invalid argument" in err, "a bad age is refused with EINVAL"
+    await sh(f"echo 300 > {setting}", check=True)
+    await wait_for(lambda: int(flat(s / "stat")["policy_recompress_pages"]) == t.npages, timeout=30, interval=0.1)
+    done = flat(s / "stat")
+    assert int(done["recompress_attempts"]) == int(done["recompress_ok"]) == t.npages, "each copy once"
+    assert int(done["store_bytes_compressed"]) < int(before["store_bytes_compressed"])
+    assert int(flat(s / "events")["recompress"]) >= 4, "at most 8 MiB a round"
+    await wait_for(lambda: int(flat(s / "stat")["policy_idle_waits"]) > int(done["policy_idle_waits"]),
+                   timeout=10, interval=0.1)
+    idle = flat(s / "stat")
+    await trio.sleep(1)  # ten periods
+    assert int(flat(s / "stat")["policy_rounds"]) - int(idle["policy_rounds"]) <= 1, "nothing left: idle"
+    rc, _, err = await sh(f"echo recompress bytes=4K > {s}/ctl")
+    assert rc and "Resource temporarily unavailable" in err, "no copy is left for the verb either"
+
+    await t.command("hot 5 1")  # rewrites a word of page 5 (same value): its copy goes
+    await wait_for(lambda: page_states(d, t.session_id)[5] == "resident", timeout=10, interval=0.05)
+    await t.command("hot off")
+    await sh(f"echo evict pages=5 > {s}/ctl", check=True)  # a new lz4 copy
+    await wait_for(lambda: int(flat(s / "stat")["recompress_attempts"]) == t.npages + 1, timeout=10, interval=0.1)
+    await sh(f"echo max > {setting}", check=True)
+    assert await t.verify() == (t.npages, 0)
+
+
 @pytest.mark.parametrize("access_source", ["sampler"])
 async def test_prefetch_hits_and_misses(daemon, sock_path, targets):
     t = await targets(c_target(sock_path, 4, "--pattern", "text"))

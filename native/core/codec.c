@@ -46,11 +46,6 @@ uint64_t mc_now_ms(void)
 }
 
 /* Compressed length, or 0 when the page does not fit in `cap` bytes. */
-int codec_compress(const void *src, void *dst, int cap)
-{
-	return codec_compress_as(tun.codec, src, dst, cap);
-}
-
 int codec_compress_as(uint32_t codec, const void *src, void *dst, int cap)
 {
 	switch (codec) {

@@ -17,12 +17,16 @@
  * One page's metadata: 16 bytes, in a flat array per range (mmap'ed, so
  * a range never touched costs nothing).  `copy` holds a store handle, or
  * the fill word of a same-filled page (MC_PF_SAME).  csize == PAGE means
- * the copy is stored raw.
+ * the copy is stored raw.  `recompressed`: recompress has dealt with this
+ * copy (re-encoded it, or found nothing to gain), so it is left alone until
+ * the page gets a new copy; a bit beside csize, because the flags byte is
+ * full and a copy's size never needs more than 13 bits.
  */
 struct page {
 	uint64_t copy;
 	uint32_t stamp_ms; /* last evidence of use, mc_now_ms() clock (wraps after 49 days) */
-	uint16_t csize;
+	uint16_t csize : 15;
+	uint16_t recompressed : 1;
 	uint8_t state;
 	uint8_t flags;
 };
@@ -127,7 +131,6 @@ uint32_t store_slot_size(uint32_t len);
 
 /* codec.c */
 extern struct mc_tunables tun;
-int codec_compress(const void *src, void *dst, int cap);
 int codec_compress_as(uint32_t codec, const void *src, void *dst, int cap);
 int codec_decompress(const void *src, int srclen, void *dst);
 bool page_fill_word(const void *page, uint64_t *word);

@@ -31,6 +31,8 @@
 #define MC_PF_INCOMPRESSIBLE 0x20   /* last attempt did not pay; skipped until written */
 #define MC_PF_SAMPLED 0x40          /* moved to the staging area by the sampler */
 #define MC_PF_PINNED 0x80           /* a prefetch or recompress reads the blob unlocked: a drop leaves it to it */
+/* mc_select and mc_age_hist only, beside MC_PF_* in skip_flags: */
+#define MC_SKIP_RECOMPRESSED 0x100 /* pages whose copy recompress has dealt with already */
 
 /* Codecs: all produce LZ4 blocks (the format of python-lz4's lz4.block). */
 #define MC_CODEC_LZ4 0
@@ -242,7 +244,7 @@ int64_t mc_select(struct mc_session *s, int32_t range, uint32_t state_mask, uint
 		  uint32_t skip_flags, uint64_t max_pages, int order, struct mc_run *out, size_t cap,
 		  uint64_t *npages);
 int mc_age_hist(struct mc_session *s, int32_t range, uint32_t state_mask, uint32_t min_age_ms,
-		uint64_t *out);
+		uint32_t skip_flags, uint64_t *out);
 int mc_page_info(struct mc_session *s, uint32_t range, uint64_t first, uint64_t count,
 		 struct mc_page_info *out);
 int mc_read_data(struct mc_session *s, uint32_t range, uint64_t first, uint64_t count, void *buf);

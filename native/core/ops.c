@@ -105,6 +105,7 @@ static int compress_batch(struct mc_session *s, struct range *r, uint64_t first,
 	int nc = 0, nio = 0;
 	uint64_t attempts = 0, ok = 0, incompressible = 0, same = 0, raced = 0, full = 0;
 	int cap = (int)(PAGE * (100 - (tun.min_savings_pct > 100 ? 100 : tun.min_savings_pct)) / 100);
+	uint32_t codec = tun.codec;
 	ssize_t want = 0, got;
 
 	pthread_mutex_lock(&s->lock);
@@ -171,7 +172,7 @@ static int compress_batch(struct mc_session *s, struct range *r, uint64_t first,
 			c[i].csize = 0;
 			continue;
 		}
-		len = codec_compress(src, out, cap);
+		len = codec_compress_as(codec, src, out, cap);
 		if (len <= 0) {
 			if (!(flags & MC_COMPRESS_FOR_EVICT)) {
 				c[i].kind = 3;
@@ -206,6 +207,7 @@ static int compress_batch(struct mc_session *s, struct range *r, uint64_t first,
 			continue;
 		if (c[i].kind == 1 || c[i].kind == 2) {
 			set_copy(s, r, p, c[i].copy, c[i].csize, c[i].kind == 2);
+			p->recompressed = codec == MC_CODEC_LZ4HC; /* recompress could not better it */
 			set_state(r, p, MC_CLEAN);
 			ok++;
 			same += c[i].kind == 2;
@@ -650,7 +652,9 @@ int mc_mark_prefetch(struct mc_session *s, const struct mc_run *runs, size_t nru
  * and the swap is under s->lock too, so no blob is freed while read.
  * Operations run one at a time per session, so no prefetch pins these
  * pages meanwhile.  Raw copies (the page did not shrink enough) and
- * same-filled pages are left as they are.
+ * same-filled pages are left as they are.  Each copy is dealt with once
+ * (page->recompressed, cleared with the copy), so a policy that offers
+ * idle copies round after round costs nothing for those done already.
  */
 static int recompress_batch(struct mc_session *s, struct range *r, uint64_t first, uint64_t n,
 			    struct batch_args *a)
@@ -666,8 +670,12 @@ static int recompress_batch(struct mc_session *s, struct range *r, uint64_t firs
 		struct page *p = &r->pages[first + k];
 		snap[k] = *p;
 		blob[k] = 0;
-		pinned[k] = (p->state == MC_COMPRESSED || p->state == MC_CLEAN) && p->copy &&
-			    p->csize < PAGE && !(p->flags & (MC_PF_SAME | MC_PF_PINNED | MC_PF_SAMPLED));
+		pinned[k] = (p->state == MC_COMPRESSED || p->state == MC_CLEAN) && !p->recompressed &&
+			    (p->copy || (p->flags & MC_PF_SAME)) && !(p->flags & (MC_PF_PINNED | MC_PF_SAMPLED));
+		if (pinned[k] && (p->csize == PAGE || (p->flags & MC_PF_SAME))) {
+			p->recompressed = 1; /* raw or same-filled: nothing to gain, now or later */
+			pinned[k] = false;
+		}
 		if (pinned[k])
 			p->flags |= MC_PF_PINNED;
 		a->res->pages_seen++;
@@ -706,10 +714,12 @@ static int recompress_batch(struct mc_session *s, struct range *r, uint64_t firs
 			continue;
 		}
 		if (!blob[k]) {
+			p->recompressed = 1; /* lz4hc found nothing smaller: so it stays */
 			a->res->pages_skipped++;
 			continue;
 		}
 		set_copy(s, r, p, blob[k], len[k], false); /* frees the old blob */
+		p->recompressed = 1;
 		ok++;
 		a->res->pages_done++;
 		a->res->bytes_in += snap[k].csize;

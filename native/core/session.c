@@ -74,6 +74,7 @@ void drop_copy(struct mc_session *s, struct range *r, struct page *p)
 		store_free(p->copy, p->csize);
 	p->copy = 0;
 	p->csize = 0;
+	p->recompressed = 0;
 	p->flags &= (uint8_t)~MC_PF_SAME;
 }
 
@@ -571,12 +572,14 @@ static inline unsigned age_bucket(uint32_t age)
 	return age ? 32u - (unsigned)__builtin_clz(age) : 0u; /* 0..32 */
 }
 
-/* Is the page in one of `state_mask` states, idle at least min_age_ms, without any of `skip_flags`? */
+/* Is the page in one of `state_mask` states, idle at least min_age_ms, without any of `skip_flags`
+ * (MC_PF_* and MC_SKIP_RECOMPRESSED)? */
 static bool page_selected(struct mc_session *s, const struct page *p, uint32_t state_mask,
 			  uint32_t min_age_ms, uint32_t skip_flags, uint32_t now, uint32_t *age)
 {
 	*age = now - page_stamp(s, p);
-	return (state_mask >> p->state) & 1 && *age >= min_age_ms && !(p->flags & skip_flags);
+	return (state_mask >> p->state) & 1 && *age >= min_age_ms && !(p->flags & skip_flags) &&
+	       !((skip_flags & MC_SKIP_RECOMPRESSED) && p->recompressed);
 }
 
 /* The pages page_selected() takes, by age class (caller holds s->lock). */
@@ -592,24 +595,24 @@ static void age_hist(struct mc_session *s, uint32_t lo, uint32_t hi, uint32_t st
 }
 
 int mc_age_hist(struct mc_session *s, int32_t range, uint32_t state_mask, uint32_t min_age_ms,
-		uint64_t *out)
+		uint32_t skip_flags, uint64_t *out)
 {
 	uint32_t lo = range < 0 ? 0 : (uint32_t)range, hi = range < 0 ? s->nranges : (uint32_t)range + 1;
 	if (range >= 0 && (uint32_t)range >= s->nranges)
 		return -ERANGE;
 	memset(out, 0, MC_AGE_CLASSES * sizeof *out);
 	pthread_mutex_lock(&s->lock);
-	age_hist(s, lo, hi, state_mask, min_age_ms, 0, (uint32_t)mc_now_ms(), out);
+	age_hist(s, lo, hi, state_mask, min_age_ms, skip_flags, (uint32_t)mc_now_ms(), out);
 	pthread_mutex_unlock(&s->lock);
 	return 0;
 }
 
 /*
  * Runs of pages in `state_mask` states idle at least min_age_ms, without any
- * of `skip_flags` (MC_PF_*).  With a
- * max_pages limit, `order` > 0 takes the oldest first and < 0 the youngest
- * first (by power-of-two age class; address order within the class that
- * straddles the limit); 0 takes them in address order.
+ * of `skip_flags` (as page_selected).  With a max_pages limit, `order` > 0
+ * takes the oldest first and < 0 the youngest first (by power-of-two age
+ * class; address order within the class that straddles the limit); 0 takes
+ * them in address order.
  */
 int64_t mc_select(struct mc_session *s, int32_t range, uint32_t state_mask, uint32_t min_age_ms,
 		  uint32_t skip_flags, uint64_t max_pages, int order, struct mc_run *out, size_t cap,
