@@ -277,7 +277,7 @@ class Result:
     compressed_bytes: int = 0
     stored_bytes: int = 0              # zram mem_used_total, memfs store_bytes_used
     ratio: float = 0.0                 # logical bytes / compressed bytes
-    pager_cpu_s: float = 0.0           # the daemon's CPU over its turn (zram: 0, it runs in the kernel)
+    pager_cpu_s: float = 0.0           # the daemon's CPU over its turn (zram: none, it runs in the kernel)
     verify_bad: int = -1
 
 
@@ -520,7 +520,8 @@ def summary_tables(results: list[Result]) -> str:
                      f"{r.seq_us_per_page:.2f}", f"{r.rand_p50_us:.1f}", f"{r.rand_p99_us:.1f}",
                      f"{r.rand_p999_us:.1f}", f"{r.prefetch_gbps:.2f}" if r.system == "memfs" else "-",
                      f"{r.saved_kb / 1024:.0f}", f"{r.holder_kb / 1024:.0f}", f"{r.ratio:.2f}",
-                     f"{r.pager_cpu_s:.2f}", "ok" if r.verify_bad == 0 else f"{r.verify_bad} bad"])
+                     f"{r.pager_cpu_s:.2f}" if r.system == "memfs" else "-",
+                     "ok" if r.verify_bad == 0 else f"{r.verify_bad} bad"])
     out = section("Per system", rows)
     grows = [["data", "memfs/zram", "ratio", "goal", "verdict"]]
     for ds in dict.fromkeys(r.dataset for r in results):
@@ -611,13 +612,26 @@ def prefetch_threads() -> int:
     return min(WORKERS, os.cpu_count() or 1)
 
 
+def measured(system: str) -> set[str]:
+    """The Result fields a system's run fills: zram has no prefetch or recompress,
+    the floor only reads at random.  The others are left empty in the CSV, not 0."""
+    names = {f.name for f in fields(Result)}
+    if system == "zram":
+        return {n for n in names if not n.startswith(("prefetch_", "recompress", "rc_"))} - {"pager_cpu_s"}
+    if system == FLOOR:
+        return {n for n in names if n.startswith("rand_")} | {"dataset", "system", "mb", "verify_bad"}
+    return names
+
+
 def write_csv(results: list[Result], path: Path) -> None:
     names = [f.name for f in fields(Result)]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(names)
     for r in results:
-        w.writerow([getattr(r, n) if not isinstance(getattr(r, n), float) else f"{getattr(r, n):.4f}" for n in names])
+        filled = measured(r.system)
+        w.writerow(["" if n not in filled else f"{v:.4f}" if isinstance(v, float) else v
+                    for n, v in ((n, getattr(r, n)) for n in names)])
     path.write_text(buf.getvalue())
 
 
