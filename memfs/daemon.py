@@ -31,7 +31,7 @@ GLOBAL_EVENTS = ("sessions_started", "sessions_ended", "sessions_refused", "comp
 WATCH_SECONDS = 0.25  # how often the fault threads' own news (restore failures) is looked for
 SHUTDOWN_SECONDS = 60
 # Counters that are levels, not totals: an ended session stops contributing.
-LEVEL_COUNTERS = {"store_pages", "store_bytes_logical", "store_bytes_compressed",
+LEVEL_COUNTERS = {"store_pages", "store_pages_recompressed", "store_bytes_logical", "store_bytes_compressed",
                   "store_bytes_used", "store_bytes_peak", "fault_latency_ns_max"}
 # A session's own settings, meaningless summed over sessions.
 SESSION_ONLY = {"policy_cold_age_ms", "promotion_rate_ppm", "sampler_regions"}

@@ -9,7 +9,7 @@ from . import core
 
 PERCENTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("p999", 0.999))
 # Counters that go up and never down (Prometheus "counter"); the rest are gauges.
-GAUGES = {"store_pages", "store_bytes_logical", "store_bytes_compressed", "store_bytes_used",
+GAUGES = {"store_pages", "store_pages_recompressed", "store_bytes_logical", "store_bytes_compressed", "store_bytes_used",
           "store_bytes_peak", "store_blobs", "fault_latency_ns_max", "sessions_active",
           "rss_anon_bytes", "registered_bytes", "degraded", "store_chunks", "policy_cold_age_ms",
           "promotion_rate_ppm", "sampler_regions", "prefetch_hit_pct"}

@@ -286,6 +286,8 @@ async def test_recompress_shrinks_copies_and_every_page_comes_back(daemon, sock_
     assert res.done == c["recompress_ok"] == t.npages, "every text copy gets smaller with lz4hc"
     assert res.bytes_out < res.bytes_in and c["store_bytes_compressed"] == before - (res.bytes_in - res.bytes_out)
     assert (await s.pager.recompress(runs)).done == 0, "a recompressed copy stays as it is"
+    assert s.counters()["recompress_attempts"] == c["recompress_attempts"], "and is not tried again"
+    assert s.counters()["store_pages_recompressed"] == t.npages
     info = s.native.range_info(0)
     assert info.pages_in["clean"] == 100 and info.pages_in["compressed"] == t.npages - 100
     await s.pager.evict(runs)  # the clean pages go without compressing again: their copy is kept

@@ -151,6 +151,7 @@ async def test_policy_recompresses_idle_copies_once_each(fsd, targets):
     await wait_for(lambda: int(flat(s / "stat")["policy_recompress_pages"]) == t.npages, timeout=30, interval=0.1)
     done = flat(s / "stat")
     assert int(done["recompress_attempts"]) == int(done["recompress_ok"]) == t.npages, "each copy once"
+    assert int(done["store_pages_recompressed"]) == int(done["store_pages"]) == t.npages
     assert int(done["store_bytes_compressed"]) < int(before["store_bytes_compressed"])
     assert int(flat(s / "events")["recompress"]) >= 4, "at most 8 MiB a round"
     await wait_for(lambda: int(flat(s / "stat")["policy_idle_waits"]) > int(done["policy_idle_waits"]),
@@ -164,8 +165,10 @@ async def test_policy_recompresses_idle_copies_once_each(fsd, targets):
     await t.command("hot 5 1")  # rewrites a word of page 5 (same value): its copy goes
     await wait_for(lambda: page_states(d, t.session_id)[5] == "resident", timeout=10, interval=0.05)
     await t.command("hot off")
+    assert int(flat(s / "stat")["store_pages_recompressed"]) == t.npages - 1, "the mark goes with the copy"
     await sh(f"echo evict pages=5 > {s}/ctl", check=True)  # a new lz4 copy
     await wait_for(lambda: int(flat(s / "stat")["recompress_attempts"]) == t.npages + 1, timeout=10, interval=0.1)
+    assert int(flat(s / "stat")["store_pages_recompressed"]) == t.npages
     await sh(f"echo max > {setting}", check=True)
     assert await t.verify() == (t.npages, 0)
 

@@ -144,6 +144,7 @@ void set_state(struct range *r, struct page *p, uint8_t state);
 void drop_copy(struct mc_session *s, struct range *r, struct page *p);
 void set_copy(struct mc_session *s, struct range *r, struct page *p, uint64_t copy,
 	      uint16_t csize, bool same);
+void mark_recompressed(struct mc_session *s, struct page *p); /* the page has a copy */
 int page_bytes(const struct page *p, void *dst);
 void trace_add(struct mc_session *s, uint16_t kind, uint32_t range, uint64_t page,
 	       uint64_t count, uint64_t latency_ns, uint32_t tid);

@@ -207,7 +207,8 @@ static int compress_batch(struct mc_session *s, struct range *r, uint64_t first,
 			continue;
 		if (c[i].kind == 1 || c[i].kind == 2) {
 			set_copy(s, r, p, c[i].copy, c[i].csize, c[i].kind == 2);
-			p->recompressed = codec == MC_CODEC_LZ4HC; /* recompress could not better it */
+			if (codec == MC_CODEC_LZ4HC)
+				mark_recompressed(s, p); /* recompress could not better it */
 			set_state(r, p, MC_CLEAN);
 			ok++;
 			same += c[i].kind == 2;
@@ -673,7 +674,7 @@ static int recompress_batch(struct mc_session *s, struct range *r, uint64_t firs
 		pinned[k] = (p->state == MC_COMPRESSED || p->state == MC_CLEAN) && !p->recompressed &&
 			    (p->copy || (p->flags & MC_PF_SAME)) && !(p->flags & (MC_PF_PINNED | MC_PF_SAMPLED));
 		if (pinned[k] && (p->csize == PAGE || (p->flags & MC_PF_SAME))) {
-			p->recompressed = 1; /* raw or same-filled: nothing to gain, now or later */
+			mark_recompressed(s, p); /* raw or same-filled: nothing to gain, now or later */
 			pinned[k] = false;
 		}
 		if (pinned[k])
@@ -714,12 +715,12 @@ static int recompress_batch(struct mc_session *s, struct range *r, uint64_t firs
 			continue;
 		}
 		if (!blob[k]) {
-			p->recompressed = 1; /* lz4hc found nothing smaller: so it stays */
+			mark_recompressed(s, p); /* lz4hc found nothing smaller: so it stays */
 			a->res->pages_skipped++;
 			continue;
 		}
 		set_copy(s, r, p, blob[k], len[k], false); /* frees the old blob */
-		p->recompressed = 1;
+		mark_recompressed(s, p);
 		ok++;
 		a->res->pages_done++;
 		a->res->bytes_in += snap[k].csize;

@@ -72,10 +72,19 @@ void drop_copy(struct mc_session *s, struct range *r, struct page *p)
 		p->flags &= (uint8_t)~MC_PF_PINNED; /* its pinner frees the blob (unpin_copy in ops.c) */
 	else if (!(p->flags & MC_PF_SAME))
 		store_free(p->copy, p->csize);
+	if (p->recompressed)
+		s->c.store_pages_recompressed--;
 	p->copy = 0;
 	p->csize = 0;
 	p->recompressed = 0;
 	p->flags &= (uint8_t)~MC_PF_SAME;
+}
+
+void mark_recompressed(struct mc_session *s, struct page *p)
+{
+	if (!p->recompressed)
+		s->c.store_pages_recompressed++;
+	p->recompressed = 1;
 }
 
 void set_copy(struct mc_session *s, struct range *r, struct page *p, uint64_t copy,
