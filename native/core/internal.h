@@ -18,8 +18,9 @@
  * a range never touched costs nothing).  `copy` holds a store handle, or
  * the fill word of a same-filled page (MC_PF_SAME).  csize == PAGE means
  * the copy is stored raw.  `recompressed`: recompress has dealt with this
- * copy (re-encoded it, or found nothing to gain), so it is left alone until
- * the page gets a new copy; a bit beside csize, because the flags byte is
+ * copy (re-encoded it, or there is nothing to gain: it did not shrink, it is
+ * raw, same-filled or lz4hc's), so it is left alone until the page gets a
+ * new copy; a bit beside csize, because the flags byte is
  * full and a copy's size never needs more than 13 bits.
  */
 struct page {

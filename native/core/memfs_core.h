@@ -119,7 +119,7 @@ struct mc_counters {
 	uint64_t sampler_faults;  /* faults on sampled pages: accesses seen */
 	uint64_t sampler_lost_slots; /* staging slots given up (the target dropped a sampled page) */
 	uint64_t store_pages;
-	uint64_t store_pages_recompressed; /* ... whose copy recompress has dealt with (page->recompressed) */
+	uint64_t store_pages_recompressed; /* ... whose copy recompress has dealt with or would leave alone */
 	uint64_t store_bytes_logical;
 	uint64_t store_bytes_compressed;
 	uint64_t store_bytes_used;

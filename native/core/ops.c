@@ -207,8 +207,9 @@ static int compress_batch(struct mc_session *s, struct range *r, uint64_t first,
 			continue;
 		if (c[i].kind == 1 || c[i].kind == 2) {
 			set_copy(s, r, p, c[i].copy, c[i].csize, c[i].kind == 2);
-			if (codec == MC_CODEC_LZ4HC)
-				mark_recompressed(s, p); /* recompress could not better it */
+			/* nothing recompress could better: a fill word, a raw copy, lz4hc's own */
+			if (c[i].kind == 2 || c[i].csize == PAGE || codec == MC_CODEC_LZ4HC)
+				mark_recompressed(s, p);
 			set_state(r, p, MC_CLEAN);
 			ok++;
 			same += c[i].kind == 2;
@@ -652,10 +653,11 @@ int mc_mark_prefetch(struct mc_session *s, const struct mc_run *runs, size_t nru
  * see unpin_copy()).  A fault in between reads the old blob under s->lock,
  * and the swap is under s->lock too, so no blob is freed while read.
  * Operations run one at a time per session, so no prefetch pins these
- * pages meanwhile.  Raw copies (the page did not shrink enough) and
- * same-filled pages are left as they are.  Each copy is dealt with once
- * (page->recompressed, cleared with the copy), so a policy that offers
- * idle copies round after round costs nothing for those done already.
+ * pages meanwhile.  Each copy is dealt with once (page->recompressed,
+ * cleared with the copy), so a policy that offers idle copies round after
+ * round costs nothing for those done already; raw copies (the page did not
+ * shrink enough), same-filled pages and lz4hc's own copies are marked so
+ * when they are made.
  */
 static int recompress_batch(struct mc_session *s, struct range *r, uint64_t first, uint64_t n,
 			    struct batch_args *a)
@@ -672,11 +674,7 @@ static int recompress_batch(struct mc_session *s, struct range *r, uint64_t firs
 		snap[k] = *p;
 		blob[k] = 0;
 		pinned[k] = (p->state == MC_COMPRESSED || p->state == MC_CLEAN) && !p->recompressed &&
-			    (p->copy || (p->flags & MC_PF_SAME)) && !(p->flags & (MC_PF_PINNED | MC_PF_SAMPLED));
-		if (pinned[k] && (p->csize == PAGE || (p->flags & MC_PF_SAME))) {
-			mark_recompressed(s, p); /* raw or same-filled: nothing to gain, now or later */
-			pinned[k] = false;
-		}
+			    p->copy && p->csize < PAGE && !(p->flags & (MC_PF_SAME | MC_PF_PINNED | MC_PF_SAMPLED));
 		if (pinned[k])
 			p->flags |= MC_PF_PINNED;
 		a->res->pages_seen++;
