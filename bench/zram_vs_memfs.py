@@ -508,20 +508,19 @@ def section(title: str, rows: list[list[str]], text: str = "") -> list[str]:
 
 
 def summary_tables(results: list[Result]) -> str:
-    head = ["data", "system", "evict MB/s", "seq restore GB/s", "us/page", "rand p50 us", "p99 us",
-            "p99.9 us", "prefetch GB/s", "saved MiB", "held MiB", "ratio", "pager CPU s", "verify"]
-    rows = [head]
+    # (heading, Result field, format, scale): "-" where the system does not measure it
+    columns = [("evict MB/s", "evict_mbps", ".0f", 1), ("seq restore GB/s", "seq_restore_gbps", ".2f", 1),
+               ("us/page", "seq_us_per_page", ".2f", 1), ("rand p50 us", "rand_p50_us", ".1f", 1),
+               ("p99 us", "rand_p99_us", ".1f", 1), ("p99.9 us", "rand_p999_us", ".1f", 1),
+               ("prefetch GB/s", "prefetch_gbps", ".2f", 1), ("saved MiB", "saved_kb", ".0f", 1024),
+               ("held MiB", "holder_kb", ".0f", 1024), ("ratio", "ratio", ".2f", 1),
+               ("pager CPU s", "pager_cpu_s", ".2f", 1)]
+    rows = [["data", "system"] + [c[0] for c in columns] + ["verify"]]
     for r in results:
-        if r.system == FLOOR:
-            rows.append([r.dataset, r.system] + ["-"] * 3 + [f"{r.rand_p50_us:.1f}", f"{r.rand_p99_us:.1f}",
-                         f"{r.rand_p999_us:.1f}"] + ["-"] * 5 + ["ok" if r.verify_bad == 0 else f"{r.verify_bad} bad"])
-            continue
-        rows.append([r.dataset, r.system, f"{r.evict_mbps:.0f}", f"{r.seq_restore_gbps:.2f}",
-                     f"{r.seq_us_per_page:.2f}", f"{r.rand_p50_us:.1f}", f"{r.rand_p99_us:.1f}",
-                     f"{r.rand_p999_us:.1f}", f"{r.prefetch_gbps:.2f}" if r.system == "memfs" else "-",
-                     f"{r.saved_kb / 1024:.0f}", f"{r.holder_kb / 1024:.0f}", f"{r.ratio:.2f}",
-                     f"{r.pager_cpu_s:.2f}" if r.system == "memfs" else "-",
-                     "ok" if r.verify_bad == 0 else f"{r.verify_bad} bad"])
+        filled = measured(r.system)
+        rows.append([r.dataset, r.system]
+                    + [format(getattr(r, f) / scale, spec) if f in filled else "-" for _, f, spec, scale in columns]
+                    + ["ok" if r.verify_bad == 0 else f"{r.verify_bad} bad"])
     out = section("Per system", rows)
     grows = [["data", "memfs/zram", "ratio", "goal", "verdict"]]
     for ds in dict.fromkeys(r.dataset for r in results):

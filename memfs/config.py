@@ -34,16 +34,15 @@ def _number_range(kind: type, lo, hi) -> Callable[[str], object]:
     return parse
 
 
-def _bytes_or_max(text: str):
-    if text == "max":
-        return MAX
+def _bytes(text: str) -> int:
     try:
         return parse_size(text)
     except OSError:
-        raise ValueError(f"not a size: {text!r} (bytes, with K/M/G suffix, or max)")
+        raise ValueError(f"not a size: {text!r} (bytes, with K/M/G suffix)")
 
 
 def _or_max(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """`parse`, or "max" (unlimited)."""
     def parse_or_max(text: str):
         if text == "max":
             return MAX
@@ -91,10 +90,10 @@ SETTINGS = {s.name: s for s in [
             "how often the access source samples a page of each region"),
     Setting("max_regions", 200, _number_range(int, 4, 10_000),
             "most regions the access source tracks per session"),
-    Setting("soft_cap_bytes", MAX, _bytes_or_max,
+    Setting("soft_cap_bytes", MAX, _or_max(_bytes),
             "resident registered memory a session may keep before its coldest pages are evicted",
             per_session=True),
-    Setting("store_cap_bytes", MAX, _bytes_or_max,
+    Setting("store_cap_bytes", MAX, _or_max(_bytes),
             "memory the compressed store may use; compressing stops there"),
     Setting("codec", "lz4", _choice(*core.CODECS),
             "compressor for new copies: lz4, lz4hc (smaller, slower), lz4fast", native="codec"),

@@ -41,7 +41,7 @@ import time
 import trio
 
 from .config import MAX
-from .core import PAGE_SIZE, SKIP_INCOMPRESSIBLE, STATE_BITS
+from .core import PAGE_SIZE
 from .selection import CANDIDATES
 
 log = logging.getLogger("memfs.policy")
@@ -51,7 +51,7 @@ MAX_IDLE_ROUNDS = 60
 # 8 MiB of pages: about 0.1 s of CPU for text-like pages here (the bench's 1 GiB of
 # text took 13.5 s), so a tenth of a CPU per session at the default round of 1 s
 RECOMPRESS_ROUND_PAGES = 2048
-PRESENT = STATE_BITS["resident"] | STATE_BITS["clean"]
+PRESENT = CANDIDATES["evict"].states  # resident and clean
 
 
 class Policy:
@@ -144,9 +144,10 @@ class Policy:
             if runs:
                 self.evicted += (await pager.evict(runs)).done
         else:
-            # pages that did not compress last time are left alone until written:
-            # offering them every round would cost an idle session CPU for nothing
-            runs, n = s.native.select(None, STATE_BITS["resident"], min_age_ms=age, skip=SKIP_INCOMPRESSIBLE)
+            # what the compress verb would act on: pages that did not compress last time are
+            # left alone until written (offering them every round would cost an idle session CPU)
+            c = CANDIDATES["compress"]
+            runs, n = s.native.select(None, c.states, min_age_ms=age, skip=c.skip)
             self.cold_marks += n
             if runs:
                 self.compressed += (await pager.compress(runs)).done
@@ -170,7 +171,8 @@ class Policy:
         if mode == "evict" and s.pager.source.can_free:
             return s.native.select(None, PRESENT, max_pages=1)[1] > 0
         # compress, and evict where pages cannot be freed (step() compresses them then)
-        return s.native.select(None, STATE_BITS["resident"], max_pages=1, skip=SKIP_INCOMPRESSIBLE)[1] > 0
+        c = CANDIDATES["compress"]
+        return s.native.select(None, c.states, max_pages=1, skip=c.skip)[1] > 0
 
     def counters(self) -> dict[str, int]:
         return dict(zip(self.COUNTERS, (self.rounds, self.compressed, self.evicted, self.recompressed,

@@ -19,7 +19,7 @@ import errno
 import re
 from dataclasses import dataclass
 
-from .core import PAGE_SIZE, SKIP_RECOMPRESSED, STATE_BITS, NativeSession, Run
+from .core import PAGE_SIZE, SKIP_INCOMPRESSIBLE, SKIP_RECOMPRESSED, STATE_BITS, NativeSession, Run
 
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -32,7 +32,8 @@ class Candidates:
 
 
 CANDIDATES = {
-    "compress": Candidates(STATE_BITS["resident"]),
+    # compress leaves pages whose last compression did not pay until they are written
+    "compress": Candidates(STATE_BITS["resident"], SKIP_INCOMPRESSIBLE),
     "evict": Candidates(STATE_BITS["resident"] | STATE_BITS["clean"]),
     "prefetch": Candidates(STATE_BITS["compressed"] | STATE_BITS["zero"]),
     # the pages with copies that recompress has not dealt with yet

@@ -12,7 +12,7 @@ import trio
 
 from helpers import c_target, py_target, wait_for
 
-from memfs import core, pager, selection
+from memfs import control, core, pager, selection
 
 MB = 1024 * 1024
 
@@ -108,6 +108,19 @@ async def test_oldest_first_selection_counts_only_pages_it_may_take(daemon, sock
     assert s.native.select(None, resident, skip=core.SKIP_INCOMPRESSIBLE)[1] == 16
     runs, n = s.native.select(None, resident, max_pages=4, order=1, skip=core.SKIP_INCOMPRESSIBLE)
     assert n == 4 and all(first % 4 == 1 for _, first, _ in runs), runs
+
+
+async def test_compress_bytes_chooses_among_pages_compress_would_take(daemon, sock_path, targets):
+    """`compress bytes=N`, oldest first, leaves out the pages compress itself would
+    skip (their last compression did not pay): with only those older, it must take a
+    younger page, not pick an old one, do nothing and answer EAGAIN."""
+    t = await targets(c_target(sock_path, 1))  # mixed: every fourth page is random
+    s = session(daemon, t)
+    await s.pager.compress(selection.all_runs(s.native))  # the rest turns clean
+    await trio.sleep(0.6)  # the random pages, still resident, are now in an older age class
+    await t.command("write 1 170")  # young, resident, never tried
+    res = await control.run_on_session(s, control.parse_command(f"compress bytes={core.PAGE_SIZE}"))
+    assert res.done == 1 and s.native.range_info(0).pages_in["resident"] == t.npages // 4
 
 
 def fault_thread_cpus() -> list[set[int]]:

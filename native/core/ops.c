@@ -644,9 +644,9 @@ int mc_mark_prefetch(struct mc_session *s, const struct mc_run *runs, size_t nru
  * Recompress: copies made by the fast codec at eviction are encoded again
  * by lz4hc where that gives a smaller blob, as zram's recompress does for
  * idle pages.  An LZ4 block decodes the same whichever LZ4 encoder made
- * it, so nothing records which one did; the stronger encoder's blobs are
- * smaller and also decode faster (fewer, longer matches), which is what
- * restores and prefetches then pay.
+ * it, so decoding needs no record of which one did; the stronger encoder's
+ * blobs are smaller and also decode faster (fewer, longer matches), which
+ * is what restores and prefetches then pay.
  *
  * The same steps as a prefetch: pin the blobs (locked), decode and encode
  * unlocked, then swap in the new blob of every page still pinned (locked;
@@ -673,8 +673,9 @@ static int recompress_batch(struct mc_session *s, struct range *r, uint64_t firs
 		struct page *p = &r->pages[first + k];
 		snap[k] = *p;
 		blob[k] = 0;
+		/* (raw and same-filled copies are marked recompressed when made) */
 		pinned[k] = (p->state == MC_COMPRESSED || p->state == MC_CLEAN) && !p->recompressed &&
-			    p->copy && p->csize < PAGE && !(p->flags & (MC_PF_SAME | MC_PF_PINNED | MC_PF_SAMPLED));
+			    !(p->flags & (MC_PF_PINNED | MC_PF_SAMPLED));
 		if (pinned[k])
 			p->flags |= MC_PF_PINNED;
 		a->res->pages_seen++;
