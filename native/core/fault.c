@@ -145,7 +145,7 @@ static int serve_fault(struct fault_ctx *fc, uint64_t fault_addr, uint64_t flags
 	uint64_t addr = fault_addr & ~(uint64_t)(PAGE - 1), idx;
 	bool held = false;
 	uint16_t kind = 0;
-	uint64_t served_ns = 0;
+	uint64_t answered = 0;
 	struct range *r;
 	struct page *p;
 	int rc = 0;
@@ -168,6 +168,7 @@ static int serve_fault(struct fault_ctx *fc, uint64_t fault_addr, uint64_t flags
 	}
 	p->stamp_ms = (uint32_t)(t0 / 1000000u);
 
+	answer_issued_ns = &answered;
 	if (flags & UFFD_PAGEFAULT_FLAG_WP) {
 		s->c.faults_wp++;
 		if (p->flags & MC_PF_PREFETCHED)
@@ -203,9 +204,6 @@ static int serve_fault(struct fault_ctx *fc, uint64_t fault_addr, uint64_t flags
 			if (!rc) {
 				s->c.promotions++;
 				p->flags &= (uint8_t)~MC_PF_HELD; /* the copy woke any held writer */
-				/* the faulting thread runs again now: its latency ends here, not
-				 * after the read-ahead that follows */
-				served_ns = now_ns() - t0;
 				read_ahead(s, r, idx, fc->scratch); /* zero pages too: they are part of a sweep */
 			}
 			break;
@@ -235,8 +233,10 @@ static int serve_fault(struct fault_ctx *fc, uint64_t fault_addr, uint64_t flags
 		wake(s, addr, PAGE);
 		rc = 0;
 	}
+	answer_issued_ns = NULL;
 	if (rc != -EAGAIN && !held) {
-		uint64_t ns = served_ns ? served_ns : now_ns() - t0;
+		/* to the answer (see answer_issued_ns), not the read-ahead after it */
+		uint64_t ns = (answered ? answered : now_ns()) - t0;
 		hist_add(s, ns);
 		if (kind)
 			trace_add(s, kind, r->index, idx, 1, ns, tid);

@@ -152,6 +152,14 @@ void trace_add(struct mc_session *s, uint16_t kind, uint32_t range, uint64_t pag
 void notify(struct mc_session *s);
 void hist_add(struct mc_session *s, uint64_t ns);
 int uffd_ioctl(struct mc_session *s, unsigned long req, void *arg);
+/*
+ * Where uffd_ioctl() notes when this thread issued its first ioctl (the
+ * answer) while it serves a fault; NULL otherwise.  A fault's latency ends
+ * there: the ioctl that wakes a faulting thread on our CPU returns only
+ * after that thread has run on until its next fault, so a time taken after
+ * it would count the target's own work as ours.
+ */
+extern __thread uint64_t *answer_issued_ns;
 int wp_range(struct mc_session *s, uint64_t addr, uint64_t len, bool protect);
 int copy_pages(struct mc_session *s, uint64_t dst, const void *src, uint64_t len, bool wp,
 	       int64_t *done);

@@ -160,8 +160,12 @@ void hist_add(struct mc_session *s, uint64_t ns)
 
 /* ---- uffd ioctls ------------------------------------------------------------ */
 
+__thread uint64_t *answer_issued_ns;
+
 int uffd_ioctl(struct mc_session *s, unsigned long req, void *arg)
 {
+	if (answer_issued_ns && !*answer_issued_ns)
+		*answer_issued_ns = now_ns();
 	if (ioctl(s->uffd, req, arg) == 0)
 		return 0;
 	int e = errno;

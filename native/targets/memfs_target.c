@@ -11,9 +11,11 @@
  *   discard FIRST COUNT    madvise(MADV_DONTNEED) those pages: they read as zeros from now on
  *   stress SECONDS THREADS writers put sequence numbers in random pages,
  *                          then every page is checked for each writer's last value
- *   touch seq|rand N SEED  read all pages in order (seq) or N distinct ones in random
+ *   touch seq|rand N SEED [THINK_US]
+ *                          read all pages in order (seq) or N distinct ones in random
  *                          order (rand); per-touch latency in ns, and slow= the touches
- *                          over SLOW_NS
+ *                          over SLOW_NS; with THINK_US, spin that long after each touch
+ *                          (a program that works between faults)
  *   prefetch FIRST COUNT   predicomp_client_prefetch on those pages
  *   pageout                madvise(MADV_PAGEOUT) on the whole region (the kernel's swap,
  *                          e.g. zram, takes it); answers the time it took
@@ -325,11 +327,12 @@ static int cmp_u64(const void *a, const void *b)
 
 /*
  * Touch pages of [base, base + np pages) and time each touch, the latency a
- * program sees; print one line, `tag` first, and with a nonzero `want` the
- * count of touched pages whose first word is not `want` (bad=).
+ * program sees, spinning `think_ns` after each; print one line, `tag`
+ * first, and with a nonzero `want` the count of touched pages whose first
+ * word is not `want` (bad=).
  */
 static void time_touches(const char *tag, uint8_t *base, size_t np, bool seq, size_t n, uint64_t s,
-			 uint64_t want)
+			 uint64_t want, uint64_t think_ns)
 {
 	uint64_t *lat, sum = 0, t_all, bad = 0, slow = 0;
 	size_t *order = NULL;
@@ -353,6 +356,8 @@ static void time_touches(const char *tag, uint8_t *base, size_t np, bool seq, si
 		uint64_t t0 = now_ns();
 		sink += *(volatile uint64_t *)(base + pg * PAGE);
 		lat[k] = now_ns() - t0;
+		while (think_ns && now_ns() < t0 + lat[k] + think_ns)
+			;
 		sum += lat[k];
 		slow += lat[k] > SLOW_NS;
 	}
@@ -433,7 +438,7 @@ static void cmd_bare(size_t n, uint64_t s)
 		printf("ERROR bare: fork: %s\n", strerror(errno));
 		goto out;
 	}
-	time_touches("BARE", base, npages, false, n, s, fill);
+	time_touches("BARE", base, npages, false, n, s, fill, 0);
 out:
 	if (stop[1] >= 0)
 		close(stop[1]);
@@ -571,8 +576,8 @@ int main(int argc, char **argv)
 			cmd_gaps(d);
 		} else if (sscanf(line, "stress %lf %lu", &d, &x) == 2) {
 			cmd_stress(d, (unsigned)x);
-		} else if (sscanf(line, "touch %31s %lu %lu", a, &x, &z) >= 1) {
-			time_touches("TOUCH", region, npages, !strcmp(a, "seq"), x, z ? z : 1, 0);
+		} else if (sscanf(line, "touch %31s %lu %lu %lu", a, &x, &z, &y) >= 1 && y <= 1000000) {
+			time_touches("TOUCH", region, npages, !strcmp(a, "seq"), x, z ? z : 1, 0, y * 1000);
 		} else if (sscanf(line, "bare %lu %lu", &x, &z) >= 1) {
 			cmd_bare(x, z ? z : 1);
 		} else if (!strncmp(line, "hot off", 7)) {
