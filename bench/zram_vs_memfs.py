@@ -36,9 +36,12 @@ that much slower.  The share of faults that meet one -- this rate over the
 rate of faults -- decides whether a random-fault p99 lies in the fast
 cluster or the slow one, so the BENCHMARKS.md header gives it, and a
 table counts each system's touches over 40 us (memfs-target's slow=), per
-cent and per second of reading.  A prefetch's CPU is split into decoding
-and copying in (the session counters prefetch_decode_ns, prefetch_copy_ns),
-and set against what its threads would reach doing only that.  Last, memfs
+cent and per second of reading, and per second those that spanned a timer
+tick (memfs-target --tick-hz, with the kernel's CONFIG_HZ): the machine's
+for any system, while the others show what a pager adds.  A prefetch's CPU
+is split into decoding and copying in (the session counters
+prefetch_decode_ns, prefetch_copy_ns), and set against what its threads
+would reach doing only that.  Last, memfs
 `recompress`es the copies (lz4hc) and times the prefetches again.
 
 Fresh memory is warmed before every timed step, for both systems alike
@@ -63,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import io
 import mmap
 import os
@@ -87,6 +91,18 @@ ZRAM = Path("/sys/block/zram0")
 DATASETS = ("mixed", "text", "random", "real")
 PAGE = 4096
 TICK = os.sysconf("SC_CLK_TCK")
+
+
+def kernel_hz() -> int | None:
+    """The kernel's timer tick rate (CONFIG_HZ), from /proc/config.gz; None if it does not say."""
+    try:
+        with gzip.open("/proc/config.gz", "rt") as f:
+            return next((int(line.split("=", 1)[1]) for line in f if line.startswith("CONFIG_HZ=")), None)
+    except (OSError, ValueError):
+        return None
+
+
+HZ = kernel_hz()  # memfs-target --tick-hz: which slow touches spanned a tick
 STARTED = time.monotonic()
 
 
@@ -133,6 +149,7 @@ class Target:
         args = [str(TARGET), "--mb", str(mb)]
         args += ["--data", str(realdata.image(mb))] if dataset == "real" else ["--pattern", dataset]
         args += ["--socket", str(socket)] if socket else ["--no-start"]
+        args += ["--tick-hz", str(HZ)] if HZ else []
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         ready = self.proc.stdout.readline().split()
         if not ready or ready[0] != "READY":
@@ -258,6 +275,7 @@ class Result:
     rand_mean_us: float = 0.0          # time per random touch: the read's wall time over its touches
     rand_slow_pct: float = 0.0         # touches over the target's SLOW_NS (40 us), in percent
     rand_slow_per_s: float = 0.0       # ... per second of reading
+    rand_slow_tick_per_s: float = 0.0  # ... of them spanning a timer tick (0 when HZ is unknown)
     prefetch_ms: float = 0.0
     prefetch_gbps: float = 0.0
     prefetch_decode_us: float = 0.0    # per page restored: the prefetch threads' CPU decoding
@@ -300,6 +318,8 @@ def fill_random(r: Result, rnds: list[dict]) -> None:
     r.rand_mean_us = statistics.median(int(a["wall_ns"]) / int(a["n"]) for a in rnds) / 1000
     r.rand_slow_pct = statistics.median(100 * int(a["slow"]) / int(a["n"]) for a in rnds)
     r.rand_slow_per_s = statistics.median(int(a["slow"]) / (int(a["wall_ns"]) / 1e9) for a in rnds)
+    r.rand_slow_tick_per_s = statistics.median(int(a.get("slow_tick", 0)) / (int(a["wall_ns"]) / 1e9)
+                                               for a in rnds)
 
 
 def evicted(r: Result, before: dict, after: dict, holder: int, compressed: int, stored: int) -> None:
@@ -550,10 +570,13 @@ def summary_tables(results: list[Result]) -> str:
                    "constant page and does nothing else, pinned to the reader's CPU (memfs-target `bare`).\n"
                    "No user-space pager can serve a fault faster here; floor/zram is the part of the\n"
                    "random-fault goals that is the mechanism's, memfs/floor the part that is memfs's.\n")
-    srows = [["data", "system", "us per touch", "slow touches %", "slow per s"]]
+    srows = [["data", "system", "us per touch", "slow touches %", "slow per s"]
+             + (["over a tick, per s", "elsewhere, per s"] if HZ else [])]
     for r in results:
         srows.append([r.dataset, r.system, f"{r.rand_mean_us:.1f}", f"{r.rand_slow_pct:.2f}",
-                      f"{r.rand_slow_per_s:.0f}"])
+                      f"{r.rand_slow_per_s:.0f}"]
+                     + ([f"{r.rand_slow_tick_per_s:.0f}", f"{r.rand_slow_per_s - r.rand_slow_tick_per_s:.0f}"]
+                        if HZ else []))
     out += section("Slow random reads: how many, and how often", srows,
                    "A touch over 40 us (memfs-target's SLOW_NS, a little under the goal's line of three\n"
                    "times zram's p99) met more than the work of its fault: a timer tick or the host took\n"
@@ -562,7 +585,13 @@ def summary_tables(results: list[Result]) -> str:
                    "A p99 stays under 40 us only while fewer than 1 % of the touches are slow, and that\n"
                    "share is the rate (slow touches per second of reading) times the time a touch takes.\n"
                    "A pager whose rate is near the floor's adds no slow touches of its own; it spends\n"
-                   "longer in each touch, and so meets more of the machine's.\n")
+                   "longer in each touch, and so meets more of the machine's.\n"
+                   + (f"Ticks fall on multiples of 1/{HZ} s (CONFIG_HZ) of the monotonic clock, so the target\n"
+                      "knows which slow touches spanned one (memfs-target --tick-hz): those are the\n"
+                      "machine's for any system, at about the same rate per second.  The others are the\n"
+                      "host's or the pager's own: the floor's rate of them is the host's.\n" if HZ else
+                      "The kernel's tick rate is unknown (no CONFIG_HZ in /proc/config.gz), so slow\n"
+                      "touches are not split by whether they spanned a tick.\n"))
     prows = [["data", "copies", "prefetch GB/s", "decode us/page", "copy-in us/page", "ceiling GB/s", "of ceiling"]]
     for r in results:
         if r.system != "memfs":
@@ -614,7 +643,7 @@ def prefetch_threads() -> int:
 def measured(system: str) -> set[str]:
     """The Result fields a system's run fills: zram has no prefetch or recompress,
     the floor only reads at random.  The others are left empty in the CSV, not 0."""
-    names = {f.name for f in fields(Result)}
+    names = {f.name for f in fields(Result)} - (set() if HZ else {"rand_slow_tick_per_s"})
     if system == "zram":
         return {n for n in names if not n.startswith(("prefetch_", "recompress", "rc_"))} - {"pager_cpu_s"}
     if system == FLOOR:
