@@ -164,6 +164,25 @@ async def test_the_fault_thread_follows_the_thread_that_faults(daemon, sock_path
     assert await t.verify() == (t.npages, 0)
 
 
+async def test_a_target_in_another_session_does_not_make_a_look_per_fault(daemon, sock_path, targets):
+    """In its own session (another autogroup) a target that works between faults does
+    not preempt the SCHED_IDLE fault thread it wakes, so every answer looks 'apart':
+    the fault thread must learn that its looks find the two together and look
+    rarely, not read /proc (~25 us, while the target waits) after every fault."""
+    t = await targets(["setsid", *c_target(sock_path, 4)])  # setsid execs in place: t.pid is the target
+    s = session(daemon, t)
+    for tid in os.listdir(f"/proc/{t.pid}/task"):
+        os.sched_setaffinity(int(tid), {0})
+    await s.pager.evict(selection.all_runs(s.native))
+    c0 = s.counters()
+    await t.command("touch rand 400 1 1000")  # ~0.4 s: 20 periodic looks, a few to learn
+    c1 = s.counters()
+    looks = c1["fault_thread_looks"] - c0["fault_thread_looks"]
+    assert c1["faults_missing"] - c0["faults_missing"] >= 400
+    assert looks < 100, f"{looks} looks for 400 faults"
+    assert await t.verify() == (t.npages, 0)
+
+
 async def test_fault_latency_counts_the_daemons_part_not_the_targets_work(daemon, sock_path, targets):
     """A fault's latency runs from reading it to issuing the answer.  The ioctl
     that wakes a faulting thread on the fault thread's own CPU returns only after

@@ -40,6 +40,7 @@ struct fault_ctx {
 	uint32_t last_tid;   /* the thread that faulted last */
 	uint64_t next_place; /* when to look at its CPU again */
 	uint64_t last_look;  /* when we last did */
+	uint64_t follow_wait; /* least time between looks made because apart (FOLLOW_NS..PLACE_NS) */
 	uint64_t run_delay;  /* our schedstat run-queue delay when last looked */
 	uint64_t tid_run;    /* the faulting thread's CPU time then (schedstat) */
 	uint32_t tid_looked; /* ... of this thread */
@@ -402,7 +403,17 @@ static bool drain(struct fault_ctx *fc, struct uffd_msg *msgs, int *err, bool *f
  * getrusage(RUSAGE_THREAD) tells which (note_apart), and apart we look at
  * once (at most every FOLLOW_NS) instead of waiting for the next PLACE_NS.
  * The check costs nothing while the two run together, the case that must
- * be fast.  The scheduler moves threads for its own reasons (another task
+ * be fast.
+ *
+ * Not preempted.  SCHED_IDLE makes the woken thread preempt us only within
+ * one task group: when the target sits in another (another session's
+ * autogroup, another cgroup with the cpu controller), the kernel weighs the
+ * two groups instead, and a target that worked a while between faults has
+ * used its share: it waits for the CPU until we sleep.  Then the sign above
+ * says "apart" while we are together, and each look (~25 us of /proc) keeps
+ * the target waiting.  A look made because apart that finds us together
+ * doubles the wait before the next such look, up to PLACE_NS; a look that
+ * moves us resets it.  The scheduler moves threads for its own reasons (another task
  * woke on that CPU) several times a second under load, and a fault every
  * ~15 us makes each slow stretch hundreds of faults long.
  *
@@ -497,7 +508,7 @@ static void follow_faulting_cpu(struct fault_ctx *fc)
 	char path[64];
 	uint64_t now = now_ns(), cpu;
 	int here;
-	bool periodic = now >= fc->next_place;
+	bool periodic = now >= fc->next_place, because_apart;
 	cpu_set_t set;
 
 	if (!tun.follow_fault_cpu) {
@@ -505,8 +516,9 @@ static void follow_faulting_cpu(struct fault_ctx *fc)
 			set_idle_policy(fc, false);
 		return;
 	}
-	if (!fc->last_tid || !(periodic || (fc->apart && now >= fc->last_look + FOLLOW_NS)))
+	if (!fc->last_tid || !(periodic || (fc->apart && now >= fc->last_look + fc->follow_wait)))
 		return;
+	because_apart = fc->apart && !periodic;
 	fc->apart = false;
 	fc->last_look = now;
 	if (periodic) {
@@ -517,9 +529,15 @@ static void follow_faulting_cpu(struct fault_ctx *fc)
 		return;
 	snprintf(path, sizeof path, "/proc/%d/task/%u/stat", fc->s->pid, fc->last_tid);
 	cpu = read_u64_field(path, 39);
+	fc->s->c.fault_thread_looks++;
 	here = sched_getcpu();
-	if (cpu >= CPU_SETSIZE || ((int)cpu == fc->pinned && (int)cpu == here))
+	if (cpu >= CPU_SETSIZE || ((int)cpu == fc->pinned && (int)cpu == here)) {
+		/* together after all: the sign misled us (see "Not preempted"); trust it less */
+		if (because_apart && fc->follow_wait < PLACE_NS)
+			fc->follow_wait *= 2;
 		return;
+	}
+	fc->follow_wait = FOLLOW_NS;
 	/* pinned even where we are already: unpinned, the next wake-up may put us elsewhere */
 	CPU_ZERO(&set);
 	CPU_SET((int)cpu, &set);
@@ -545,6 +563,7 @@ void *fault_main(void *arg)
 	}
 	fc->s = s;
 	fc->pinned = -1;
+	fc->follow_wait = FOLLOW_NS;
 	/* visible in top -H and /proc/PID/task/TID/comm: which thread serves faults */
 	pthread_setname_np(pthread_self(), "memfs-fault");
 	sched_getaffinity(0, sizeof fc->cpus, &fc->cpus);

@@ -110,6 +110,7 @@ struct mc_counters {
 	uint64_t faultaround_pages;
 	uint64_t fault_thread_moves;   /* times the fault thread followed a faulting thread's CPU */
 	uint64_t fault_thread_starved; /* times it gave up SCHED_IDLE: busy threads kept it waiting */
+	uint64_t fault_thread_looks;   /* times it read where the faulting thread runs (/proc) */
 	uint64_t events_remove;
 	uint64_t events_unmap;
 	uint64_t events_remap;
