@@ -318,8 +318,9 @@ def fill_random(r: Result, rnds: list[dict]) -> None:
     r.rand_mean_us = statistics.median(int(a["wall_ns"]) / int(a["n"]) for a in rnds) / 1000
     r.rand_slow_pct = statistics.median(100 * int(a["slow"]) / int(a["n"]) for a in rnds)
     r.rand_slow_per_s = statistics.median(int(a["slow"]) / (int(a["wall_ns"]) / 1e9) for a in rnds)
-    r.rand_slow_tick_per_s = statistics.median(int(a.get("slow_tick", 0)) / (int(a["wall_ns"]) / 1e9)
-                                               for a in rnds)
+    if HZ:  # the targets were given --tick-hz, so each answer has slow_tick=
+        r.rand_slow_tick_per_s = statistics.median(int(a["slow_tick"]) / (int(a["wall_ns"]) / 1e9)
+                                                   for a in rnds)
 
 
 def evicted(r: Result, before: dict, after: dict, holder: int, compressed: int, stored: int) -> None:
