@@ -44,6 +44,11 @@ prefetch_decode_ns, prefetch_copy_ns), and set against what its threads
 would reach doing only that.  Last, memfs
 `recompress`es the copies (lz4hc) and times the prefetches again.
 
+After all repetitions of the goals' random reads, which come back to back,
+each system reads up to THINK_TOUCHES pages at random (REPEAT times) with
+THINK_US of the target's own work before each (memfs-target `touch rand N SEED THINK_US`): what a program
+that computes between faults sees.  No goal rides on it.
+
 Fresh memory is warmed before every timed step, for both systems alike
 (`warm_free_memory`): this VM hands free guest pages back to its host
 (virtio-balloon free page reporting), and the first touch of such a page
@@ -91,6 +96,8 @@ ZRAM = Path("/sys/block/zram0")
 DATASETS = ("mixed", "text", "random", "real")
 PAGE = 4096
 TICK = os.sysconf("SC_CLK_TCK")
+THINK_US = 1000      # the target's own work between two reads, in the reads with work between them
+THINK_TOUCHES = 1000  # ... and how many of them (at most the random reads')
 
 
 def kernel_hz() -> int | None:
@@ -276,6 +283,11 @@ class Result:
     rand_slow_pct: float = 0.0         # touches over the target's SLOW_NS (40 us), in percent
     rand_slow_per_s: float = 0.0       # ... per second of reading
     rand_slow_tick_per_s: float = 0.0  # ... of them spanning a timer tick (0 when HZ is unknown)
+    think_touches: int = 0             # random reads with THINK_US of the target's work before each
+    think_p50_us: float = 0.0
+    think_p99_us: float = 0.0
+    think_p999_us: float = 0.0
+    think_slow_pct: float = 0.0        # ... over SLOW_NS, in percent
     prefetch_ms: float = 0.0
     prefetch_gbps: float = 0.0
     prefetch_decode_us: float = 0.0    # per page restored: the prefetch threads' CPU decoding
@@ -323,6 +335,12 @@ def fill_random(r: Result, rnds: list[dict]) -> None:
                                                    for a in rnds)
 
 
+def fill_think(r: Result, thinks: list[dict]) -> None:
+    r.think_touches = int(thinks[0]["n"])
+    r.think_p50_us, r.think_p99_us, r.think_p999_us = (median_of(thinks, k) / 1000 for k in ("p50", "p99", "p999"))
+    r.think_slow_pct = statistics.median(100 * int(a["slow"]) / int(a["n"]) for a in thinks)
+
+
 def evicted(r: Result, before: dict, after: dict, holder: int, compressed: int, stored: int) -> None:
     """The eviction's figures: throughput, and memory saved (the target's RSS drop
     minus `holder`, the bytes the system holds the data in)."""
@@ -336,9 +354,11 @@ def evicted(r: Result, before: dict, after: dict, holder: int, compressed: int, 
 
 def read_backs(r: Result, t: Target, nrand: int, evict, cpu):
     """The read-backs both systems are timed on, REPEAT times: all pages in order,
-    then (evicted again by `evict()`) `nrand` at random; `cpu()` is what the system
-    spends.  A step at a time; fills `r`'s touch figures and RSS after read-back."""
-    seqs, seq_cpu, rnds = [], [], []
+    then (evicted again by `evict()`) `nrand` at random; after those, REPEAT times
+    up to THINK_TOUCHES at random with THINK_US of the target's work before each; `cpu()`
+    is what the system spends.  A step at a time; fills `r`'s touch figures and RSS
+    after read-back."""
+    seqs, seq_cpu, rnds, thinks = [], [], [], []
     for i in range(REPEAT):
         if i:
             evict()
@@ -353,8 +373,17 @@ def read_backs(r: Result, t: Target, nrand: int, evict, cpu):
         warm_free_memory(nrand * PAGE >> 20)
         rnds.append(t.cmd(f"touch rand {nrand} {7 + i}"))
         yield "read at random"
+    # after all the goals' reads, so that nothing these leave behind (where the
+    # fault thread sits, its back-offs) meets those
+    nthink = min(THINK_TOUCHES, nrand)
+    for i in range(REPEAT):
+        evict()
+        warm_free_memory(nthink * PAGE >> 20)
+        thinks.append(t.cmd(f"touch rand {nthink} {17 + i} {THINK_US}"))
+        yield f"read at random, {THINK_US} us of work before each read"
     r.seq_cpu_ms = statistics.median(seq_cpu) * 1000
     fill_touches(r, seqs, rnds, int(t.info["pages"]))
+    fill_think(r, thinks)
 
 
 def zram_steps(r: Result, nrand: int, zram: Zram):
@@ -444,7 +473,8 @@ def floor_steps(r: Result, nrand: int):
     """The floor's turn: the same random read served by a bare userfaultfd handler
     (memfs-target `bare`: another process, one constant page, both pinned to one
     CPU), REPEAT times, each in the round of the systems' random reads (it sits
-    out their eviction and in-order read-backs: a None step).  What any user-space
+    out their eviction and in-order read-backs: a None step; it is done before
+    their reads with work between).  What any user-space
     pager pays here before doing any work; fills `r`'s random-read figures."""
     t = Target(r.mb, "none", None)
     try:
@@ -593,6 +623,26 @@ def summary_tables(results: list[Result]) -> str:
                       "host's or the pager's own: the floor's rate of them is the host's.\n" if HZ else
                       "The kernel's tick rate is unknown (no CONFIG_HZ in /proc/config.gz), so slow\n"
                       "touches are not split by whether they spanned a tick.\n"))
+    trows = [["data", "zram p50 us", "memfs p50 us", "zram p99 us", "memfs p99 us", "zram p99.9 us",
+              "memfs p99.9 us", "zram slow %", "memfs slow %", "memfs/zram p50", "memfs/zram p99"]]
+    for ds in dict.fromkeys(r.dataset for r in results):
+        z, m = (next((r for r in results if r.dataset == ds and r.system == name), None) for name in ("zram", "memfs"))
+        if z and m and z.think_touches and m.think_touches:
+            trows.append([ds, f"{z.think_p50_us:.1f}", f"{m.think_p50_us:.1f}", f"{z.think_p99_us:.1f}",
+                          f"{m.think_p99_us:.1f}", f"{z.think_p999_us:.1f}", f"{m.think_p999_us:.1f}",
+                          f"{z.think_slow_pct:.2f}", f"{m.think_slow_pct:.2f}",
+                          f"{m.think_p50_us / z.think_p50_us:.2f}", f"{m.think_p99_us / z.think_p99_us:.2f}"])
+    out += section(f"Random reads with work between them ({THINK_US} us before each read)", trows,
+                   f"The goals' random reads come back to back.  A program that works between faults is\n"
+                   f"measured here: up to {THINK_TOUCHES} random reads, each after {THINK_US} us of the target's own\n"
+                   f"work (memfs-target `touch rand N SEED {THINK_US}`), timed as the others.  No goal; for the\n"
+                   f"record.  Both systems pay more per fault than back to back (cold caches).  memfs's tail\n"
+                   f"is its own: while the program works, memfs's fault thread waits on the program's CPU,\n"
+                   f"runnable and pinned there, and the kernel's load balancer, seeing two tasks on one\n"
+                   f"CPU and none on the other, moves the program itself, tens of times a second; each\n"
+                   f"move costs a fault served across vCPUs before the thread follows.  And a kernel\n"
+                   f"thread or another program that runs on that CPU meanwhile keeps the SCHED_IDLE\n"
+                   f"fault thread off it for as long as it runs (memfs(5), follow_fault_cpu).\n")
     prows = [["data", "copies", "prefetch GB/s", "decode us/page", "copy-in us/page", "ceiling GB/s", "of ceiling"]]
     for r in results:
         if r.system != "memfs":

@@ -45,6 +45,10 @@ def test_quick_bench_runs_both_systems_and_restores_the_machine(tmp_path):
         assert "over a tick, per s" in r.stdout
     assert all(row["prefetch_gbps"] == row["pager_cpu_s"] == "" for row in rows if row["system"] == "zram")
     assert all(row["evict_mbps"] == row["ratio"] == "" for row in floors), "unmeasured is empty, not 0"
+    # the reads with work between them: both systems, not the floor
+    assert all(int(row["think_touches"]) > 0 and 0 < float(row["think_p50_us"]) <= float(row["think_p99_us"])
+               for row in rows if row["system"] != "uffd-floor")
+    assert all(row["think_p50_us"] == "" for row in floors)
     memfs = [row for row in rows if row["system"] == "memfs"]
     assert all(float(row["prefetch_decode_us"]) > 0 and float(row["prefetch_copy_us"]) > 0 for row in memfs)
     assert all(float(row["rc_prefetch_gbps"]) > 0 for row in memfs)
@@ -53,6 +57,7 @@ def test_quick_bench_runs_both_systems_and_restores_the_machine(tmp_path):
     assert "Ratios memfs/zram" in r.stdout and "The floor" in r.stdout
     assert "Slow random reads" in r.stdout and "Prefetch: where its CPU goes" in r.stdout
     assert "Recompress: the same copies" in r.stdout
+    assert "Random reads with work between them" in r.stdout
     assert not swaps(), "swap left on"
     assert (ZRAM / "initstate").read_text().strip() == "0", "zram0 not reset"
 

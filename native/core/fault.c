@@ -417,6 +417,16 @@ static bool drain(struct fault_ctx *fc, struct uffd_msg *msgs, int *err, bool *f
  * woke on that CPU) several times a second under load, and a fault every
  * ~15 us makes each slow stretch hundreds of faults long.
  *
+ * The balancer.  While the target works between faults, we wait runnable
+ * behind it (its wake-up preempted us), pinned: the kernel's load balancer
+ * sees two tasks on one CPU and none on the other, cannot move the pinned
+ * one and, after a few failed tries, moves the running target (active
+ * balancing), tens of times a second at ~1 ms of work a fault; each move
+ * costs a fault served across vCPUs before we follow.  Not mended: it
+ * would take a fault thread that is not runnable while the target works,
+ * and the answer's wake-up preempts us at once (README, "Where the fault
+ * thread runs").
+ *
  * The price of SCHED_IDLE: other busy threads on that CPU would starve us.
  * Our run-queue delay (schedstat) tells: above STARVED_NS per PLACE_NS we
  * become an ordinary thread on any CPU for BACKOFF_NS, then try again.
