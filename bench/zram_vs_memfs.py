@@ -324,11 +324,20 @@ def fill_touches(r: Result, seqs: list[dict], rnds: list[dict], npages: int) -> 
     fill_random(r, rnds)
 
 
+def latencies_us(answers: list[dict[str, str]]) -> tuple[float, ...]:
+    """p50, p99, p99.9 of touches, in us: the median of each over the repetitions."""
+    return tuple(median_of(answers, k) / 1000 for k in ("p50", "p99", "p999"))
+
+
+def slow_pct(answers: list[dict[str, str]]) -> float:
+    return statistics.median(100 * int(a["slow"]) / int(a["n"]) for a in answers)
+
+
 def fill_random(r: Result, rnds: list[dict]) -> None:
     r.rand_touches = int(rnds[0]["n"])
-    r.rand_p50_us, r.rand_p99_us, r.rand_p999_us = (median_of(rnds, k) / 1000 for k in ("p50", "p99", "p999"))
+    r.rand_p50_us, r.rand_p99_us, r.rand_p999_us = latencies_us(rnds)
     r.rand_mean_us = statistics.median(int(a["wall_ns"]) / int(a["n"]) for a in rnds) / 1000
-    r.rand_slow_pct = statistics.median(100 * int(a["slow"]) / int(a["n"]) for a in rnds)
+    r.rand_slow_pct = slow_pct(rnds)
     r.rand_slow_per_s = statistics.median(int(a["slow"]) / (int(a["wall_ns"]) / 1e9) for a in rnds)
     if HZ:  # the targets were given --tick-hz, so each answer has slow_tick=
         r.rand_slow_tick_per_s = statistics.median(int(a["slow_tick"]) / (int(a["wall_ns"]) / 1e9)
@@ -337,8 +346,8 @@ def fill_random(r: Result, rnds: list[dict]) -> None:
 
 def fill_think(r: Result, thinks: list[dict]) -> None:
     r.think_touches = int(thinks[0]["n"])
-    r.think_p50_us, r.think_p99_us, r.think_p999_us = (median_of(thinks, k) / 1000 for k in ("p50", "p99", "p999"))
-    r.think_slow_pct = statistics.median(100 * int(a["slow"]) / int(a["n"]) for a in thinks)
+    r.think_p50_us, r.think_p99_us, r.think_p999_us = latencies_us(thinks)
+    r.think_slow_pct = slow_pct(thinks)
 
 
 def evicted(r: Result, before: dict, after: dict, holder: int, compressed: int, stored: int) -> None:
@@ -636,8 +645,8 @@ def summary_tables(results: list[Result]) -> str:
                    f"The goals' random reads come back to back.  A program that works between faults is\n"
                    f"measured here: up to {THINK_TOUCHES} random reads, each after {THINK_US} us of the target's own\n"
                    f"work (memfs-target `touch rand N SEED {THINK_US}`), timed as the others.  No goal; for the\n"
-                   f"record.  Both systems pay more per fault than back to back (cold caches).  memfs's tail\n"
-                   f"is its own: while the program works, memfs's fault thread waits on the program's CPU,\n"
+                   f"record.  Both systems pay more per fault than back to back.  memfs's tail is its\n"
+                   f"own: while the program works, memfs's fault thread waits on the program's CPU,\n"
                    f"runnable and pinned there, and the kernel's load balancer, seeing two tasks on one\n"
                    f"CPU and none on the other, moves the program itself, tens of times a second; each\n"
                    f"move costs a fault served across vCPUs before the thread follows.  And a kernel\n"

@@ -175,8 +175,9 @@ async def test_a_target_in_another_session_does_not_make_a_look_per_fault(daemon
         os.sched_setaffinity(int(tid), {0})
     await s.pager.evict(selection.all_runs(s.native))
     c0 = s.counters()
-    await t.command("touch rand 400 1 1000")  # ~0.4 s: 20 periodic looks, a few to learn
+    out = await t.command("touch rand 400 1 1000")  # ~0.4 s: 20 periodic looks, a few to learn
     c1 = s.counters()
+    assert int(out["wall_ns"]) >= 400 * 1_000_000, "the target did not work between its faults"
     looks = c1["fault_thread_looks"] - c0["fault_thread_looks"]
     assert c1["faults_missing"] - c0["faults_missing"] >= 400
     assert looks < 100, f"{looks} looks for 400 faults"
@@ -194,8 +195,9 @@ async def test_fault_latency_counts_the_daemons_part_not_the_targets_work(daemon
         os.sched_setaffinity(int(tid), {0})  # the fault thread follows it there
     await s.pager.evict(selection.all_runs(s.native))
     c0, h0 = s.counters(), s.histogram()
-    await t.command("touch rand 200 1 2000")
+    out = await t.command("touch rand 200 1 2000")
     c1, h1 = s.counters(), s.histogram()
+    assert int(out["wall_ns"]) >= 200 * 2_000_000, "the target did not work between its faults"
     assert c1["faults_missing"] - c0["faults_missing"] >= 200
     p50 = core.percentile_ns([b - a for a, b in zip(h0, h1)], 0.5)
     assert p50 < 500_000, f"fault latency p50 {p50} ns: the target's 2 ms of work counted as the fault's"

@@ -49,7 +49,7 @@ uint64_t mc_now_ms(void)
 }
 
 /* Compressed length, or 0 when the page does not fit in `cap` bytes. */
-int codec_compress_as(uint32_t codec, const void *src, void *dst, int cap)
+int codec_compress(uint32_t codec, const void *src, void *dst, int cap)
 {
 	switch (codec) {
 	case MC_CODEC_LZ4HC:

@@ -410,7 +410,7 @@ static bool drain(struct fault_ctx *fc, struct uffd_msg *msgs, int *err, bool *f
  * autogroup, another cgroup with the cpu controller), the kernel weighs the
  * two groups instead, and a target that worked a while between faults has
  * used its share: it waits for the CPU until we sleep.  Then the sign above
- * says "apart" while we are together, and each look (~25 us of /proc) keeps
+ * says "apart" while we are together, and each look (~10 us of /proc) keeps
  * the target waiting.  A look made because apart that finds us together
  * doubles the wait before the next such look, up to PLACE_NS; a look that
  * moves us resets it.  The scheduler moves threads for its own reasons (another task

@@ -132,7 +132,7 @@ uint32_t store_slot_size(uint32_t len);
 
 /* codec.c */
 extern struct mc_tunables tun;
-int codec_compress_as(uint32_t codec, const void *src, void *dst, int cap);
+int codec_compress(uint32_t codec, const void *src, void *dst, int cap);
 int codec_decompress(const void *src, int srclen, void *dst);
 bool page_fill_word(const void *page, uint64_t *word);
 void fill_page(void *dst, uint64_t word);

@@ -172,7 +172,7 @@ static int compress_batch(struct mc_session *s, struct range *r, uint64_t first,
 			c[i].csize = 0;
 			continue;
 		}
-		len = codec_compress_as(codec, src, out, cap);
+		len = codec_compress(codec, src, out, cap);
 		if (len <= 0) {
 			if (!(flags & MC_COMPRESS_FOR_EVICT)) {
 				c[i].kind = 3;
@@ -690,7 +690,7 @@ static int recompress_batch(struct mc_session *s, struct range *r, uint64_t firs
 		attempts++;
 		if (page_bytes(&snap[k], a->buf))
 			continue; /* undecodable: a fault on it says so, not us */
-		l = codec_compress_as(MC_CODEC_LZ4HC, a->buf, a->out, snap[k].csize - 1);
+		l = codec_compress(MC_CODEC_LZ4HC, a->buf, a->out, snap[k].csize - 1);
 		if (l <= 0 || store_slot_size((uint32_t)l) >= store_slot_size(snap[k].csize))
 			continue; /* no smaller in the store */
 		blob[k] = store_alloc((uint32_t)l, &slot);
