@@ -1,0 +1,74 @@
+"""memfs's random read-back, repeated on the same pages: which reads meet a slow
+stretch, and where their time goes.
+
+    .venv/bin/python bench/random_reads.py [--dataset random] [--mb 1024] [--reads 10]
+
+One daemon and one target (bench/zram_vs_memfs.py's `Memfs` and `Target`),
+then `--reads` times the same step as `memfs bench`'s random read: read the
+region back in order, evict, warm free memory, read npages/16 pages at random,
+always with the same seed, so every read restores the same pages in the same
+order.  Per read it prints the target's figures (p50, p99, touches over
+40 us) and the CPU the two threads of the fault path used in it: the daemon's
+`memfs-fault` thread and the target's reading thread, from their schedstat.
+A read that met a slow stretch (README, "What a random-fault p99 is made
+of") shows as many slow touches and more CPU in both threads, on the same pages
+as a good read.  No zram: it never met one.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import zram_vs_memfs as bench  # noqa: E402
+
+
+def thread_cpu_ns(pid: int, comm: str | None = None) -> int:
+    """Run time (ns) of the thread of `pid` named `comm` (its main thread if None),
+    the first field of its schedstat."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        if (task.name == str(pid)) if comm is None else (task / "comm").read_text().strip() == comm:
+            return int((task / "schedstat").read_text().split()[0])
+    raise bench.BenchError(f"no thread {comm} in process {pid}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="random", choices=bench.DATASETS)
+    p.add_argument("--mb", type=int, default=1024)
+    p.add_argument("--reads", type=int, default=10)
+    p.add_argument("--seed", type=int, default=7)
+    args = p.parse_args(argv)
+    nrand = (args.mb << 20) // bench.PAGE // 16  # as memfs bench's default
+    print(f"{args.dataset}, {args.mb} MiB, {nrand} random reads, seed {args.seed}")
+    print(f"{'read':>4} {'p50 us':>7} {'p99 us':>7} {'slow %':>7} {'fault thread ms':>16} {'target ms':>10}")
+    slow = []
+    with bench.Memfs([]) as memfs:
+        t = bench.Target(args.mb, args.dataset, memfs.sock)
+        try:
+            sid = t.info["session"]
+            memfs.ctl(sid, "evict")
+            for i in range(args.reads):
+                t.cmd("touch seq")
+                memfs.ctl(sid, "evict")
+                bench.warm_free_memory(nrand * bench.PAGE >> 20)
+                f0, t0 = thread_cpu_ns(memfs.pid, "memfs-fault"), thread_cpu_ns(t.pid)
+                a = t.cmd(f"touch rand {nrand} {args.seed}")
+                f1, t1 = thread_cpu_ns(memfs.pid, "memfs-fault"), thread_cpu_ns(t.pid)
+                slow.append(100 * int(a["slow"]) / int(a["n"]))
+                print(f"{i:>4} {int(a['p50']) / 1000:>7.1f} {int(a['p99']) / 1000:>7.1f} {slow[-1]:>7.2f} "
+                      f"{(f1 - f0) / 1e6:>16.1f} {(t1 - t0) / 1e6:>10.1f}", flush=True)
+        finally:
+            t.close()
+    print(f"reads with over 1 % slow touches: {sum(s > 1 for s in slow)} of {len(slow)}; "
+          f"median slow {statistics.median(slow):.2f} %")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except bench.BenchError as e:
+        sys.exit(f"random_reads: {e}")
