@@ -8,15 +8,20 @@ then `--reads` times the same step as `memfs bench`'s random read: read the
 region back in order, evict, warm free memory, read npages/16 pages at random,
 always with the same seed, so every read restores the same pages in the same
 order.  Per read it prints the target's figures (p50, p99, touches over
-40 us) and the CPU the two threads of the fault path used in it: the daemon's
-`memfs-fault` thread and the target's reading thread, from their schedstat.
-A read that met a slow stretch (README, "What a random-fault p99 is made
-of") shows as many slow touches and more CPU in both threads, on the same pages
-as a good read.  No zram: it never met one.
+40 us), the CPU the two threads of the fault path used in it (the daemon's
+`memfs-fault` thread and the target's reading thread, from their schedstat),
+the fault thread's scheduling policy when the read began (idle: SCHED_IDLE,
+following the target; other: ordinary, unpinned) and how often the session's
+`fault_thread_starved` fired since the last read.  A read that met a slow
+stretch (README, "What a random-fault p99 is made of") shows as many slow
+touches and more CPU in both threads, on the same pages as a good read.
+`--hog` runs, before each evict, a second target's page-out and read-back
+through zram, as `memfs bench` runs zram's steps between memfs's.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 from pathlib import Path
@@ -34,34 +39,55 @@ def thread_cpu_ns(pid: int, comm: str | None = None) -> int:
     raise bench.BenchError(f"no thread {comm} in process {pid}")
 
 
+def fault_thread_policy(pid: int) -> str:
+    """The scheduling policy of `pid`'s memfs-fault thread: idle, other, or its number."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        if (task / "comm").read_text().strip() == "memfs-fault":
+            policy = int((task / "stat").read_text().rsplit(")", 1)[1].split()[38])
+            return {0: "other", 5: "idle"}.get(policy, str(policy))
+    raise bench.BenchError(f"no memfs-fault thread in process {pid}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="random", choices=bench.DATASETS)
     p.add_argument("--mb", type=int, default=1024)
     p.add_argument("--reads", type=int, default=10)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--hog", action="store_true", help="zram's steps on a second target between reads")
     args = p.parse_args(argv)
     nrand = (args.mb << 20) // bench.PAGE // 16  # as memfs bench's default
     print(f"{args.dataset}, {args.mb} MiB, {nrand} random reads, seed {args.seed}")
-    print(f"{'read':>4} {'p50 us':>7} {'p99 us':>7} {'slow %':>7} {'fault thread ms':>16} {'target ms':>10}")
+    print(f"{'read':>4} {'p50 us':>7} {'p99 us':>7} {'slow %':>7} {'fault thread ms':>16} {'target ms':>10} "
+          f"{'policy':>7} {'starved':>8}")
     slow = []
-    with bench.Memfs([]) as memfs:
+    with contextlib.ExitStack() as stack:
+        memfs = stack.enter_context(bench.Memfs([]))
+        hog = None
+        if args.hog:
+            stack.enter_context(bench.Zram(2 * args.mb << 20))
+            hog = bench.Target(args.mb, args.dataset, None)
+            stack.callback(hog.close)
         t = bench.Target(args.mb, args.dataset, memfs.sock)
-        try:
-            sid = t.info["session"]
+        stack.callback(t.close)
+        sid = t.info["session"]
+        memfs.ctl(sid, "evict")
+        for i in range(args.reads):
+            starved = memfs.session_stat(sid)["fault_thread_starved"]
+            t.cmd("touch seq")
+            if hog:
+                hog.cmd("pageout")
+                hog.cmd("touch seq")
             memfs.ctl(sid, "evict")
-            for i in range(args.reads):
-                t.cmd("touch seq")
-                memfs.ctl(sid, "evict")
-                bench.warm_free_memory(nrand * bench.PAGE >> 20)
-                f0, t0 = thread_cpu_ns(memfs.pid, "memfs-fault"), thread_cpu_ns(t.pid)
-                a = t.cmd(f"touch rand {nrand} {args.seed}")
-                f1, t1 = thread_cpu_ns(memfs.pid, "memfs-fault"), thread_cpu_ns(t.pid)
-                slow.append(100 * int(a["slow"]) / int(a["n"]))
-                print(f"{i:>4} {int(a['p50']) / 1000:>7.1f} {int(a['p99']) / 1000:>7.1f} {slow[-1]:>7.2f} "
-                      f"{(f1 - f0) / 1e6:>16.1f} {(t1 - t0) / 1e6:>10.1f}", flush=True)
-        finally:
-            t.close()
+            bench.warm_free_memory(nrand * bench.PAGE >> 20)
+            policy = fault_thread_policy(memfs.pid)
+            f0, t0 = thread_cpu_ns(memfs.pid, "memfs-fault"), thread_cpu_ns(t.pid)
+            a = t.cmd(f"touch rand {nrand} {args.seed}")
+            f1, t1 = thread_cpu_ns(memfs.pid, "memfs-fault"), thread_cpu_ns(t.pid)
+            starved = memfs.session_stat(sid)["fault_thread_starved"] - starved
+            slow.append(100 * int(a["slow"]) / int(a["n"]))
+            print(f"{i:>4} {int(a['p50']) / 1000:>7.1f} {int(a['p99']) / 1000:>7.1f} {slow[-1]:>7.2f} "
+                  f"{(f1 - f0) / 1e6:>16.1f} {(t1 - t0) / 1e6:>10.1f} {policy:>7} {starved:>8}", flush=True)
     print(f"reads with over 1 % slow touches: {sum(s > 1 for s in slow)} of {len(slow)}; "
           f"median slow {statistics.median(slow):.2f} %")
     return 0

@@ -81,14 +81,17 @@ def test_bench_refuses_when_swap_is_in_use(tmp_path):
 
 
 def test_random_reads_prints_a_row_per_read_with_both_threads_cpu():
-    """bench/random_reads.py: one row per read, each with the CPU both threads
-    of the fault path used in it (a thread it could not find would be 0 or an error)."""
+    """bench/random_reads.py (with zram's steps between reads, --hog): one row per
+    read, each with the CPU both threads of the fault path used in it (a thread it
+    could not find would be 0 or an error) and the fault thread's policy."""
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "random_reads.py"), "--dataset", "mixed",
-                        "--mb", "16", "--reads", "3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                        "--mb", "16", "--reads", "3", "--hog"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line.split() for line in r.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
     assert [row[0] for row in rows] == ["0", "1", "2"], r.stdout
-    for _, p50, p99, slow, fault_ms, target_ms in rows:
+    for _, p50, p99, slow, fault_ms, target_ms, policy, starved in rows:
         assert 0 < float(p50) <= float(p99) and 0 <= float(slow) <= 100
         assert float(fault_ms) > 0 and float(target_ms) > 0, r.stdout
+        assert policy in ("idle", "other") and int(starved) >= 0, r.stdout
     assert "reads with over 1 % slow touches:" in r.stdout
