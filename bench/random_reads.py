@@ -2,6 +2,7 @@
 stretch, and where their time goes.
 
     .venv/bin/python bench/random_reads.py [--dataset random] [--mb 1024] [--reads 10]
+                                           [--seed 7] [--hog]
 
 One daemon and one target (bench/zram_vs_memfs.py's `Memfs` and `Target`),
 then `--reads` times the same step as `memfs bench`'s random read: read the
@@ -30,22 +31,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import zram_vs_memfs as bench  # noqa: E402
 
 
-def thread_cpu_ns(pid: int, comm: str | None = None) -> int:
-    """Run time (ns) of the thread of `pid` named `comm` (its main thread if None),
-    the first field of its schedstat."""
+def task_dir(pid: int, comm: str | None = None) -> Path:
+    """/proc/PID/task/TID of the thread of `pid` named `comm` (its main thread if None)."""
     for task in Path(f"/proc/{pid}/task").iterdir():
         if (task.name == str(pid)) if comm is None else (task / "comm").read_text().strip() == comm:
-            return int((task / "schedstat").read_text().split()[0])
+            return task
     raise bench.BenchError(f"no thread {comm} in process {pid}")
 
 
-def fault_thread_policy(pid: int) -> str:
-    """The scheduling policy of `pid`'s memfs-fault thread: idle, other, or its number."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        if (task / "comm").read_text().strip() == "memfs-fault":
-            policy = int((task / "stat").read_text().rsplit(")", 1)[1].split()[38])
-            return {0: "other", 5: "idle"}.get(policy, str(policy))
-    raise bench.BenchError(f"no memfs-fault thread in process {pid}")
+def thread_cpu_ns(pid: int, comm: str | None = None) -> int:
+    """Run time (ns) of that thread, the first field of its schedstat."""
+    return int((task_dir(pid, comm) / "schedstat").read_text().split()[0])
+
+
+def thread_policy(pid: int, comm: str) -> str:
+    """That thread's scheduling policy (field 41 of its stat): idle, other, or its number."""
+    policy = int((task_dir(pid, comm) / "stat").read_text().rsplit(")", 1)[1].split()[38])
+    return {0: "other", 5: "idle"}.get(policy, str(policy))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 hog.cmd("touch seq")
             memfs.ctl(sid, "evict")
             bench.warm_free_memory(nrand * bench.PAGE >> 20)
-            policy = fault_thread_policy(memfs.pid)
+            policy = thread_policy(memfs.pid, "memfs-fault")
             f0, t0 = thread_cpu_ns(memfs.pid, "memfs-fault"), thread_cpu_ns(t.pid)
             a = t.cmd(f"touch rand {nrand} {args.seed}")
             f1, t1 = thread_cpu_ns(memfs.pid, "memfs-fault"), thread_cpu_ns(t.pid)

@@ -448,7 +448,7 @@ static bool drain(struct fault_ctx *fc, struct uffd_msg *msgs, int *err, bool *f
  * we restored), so its CPU time meanwhile does not count.  Nor is waiting
  * through an eviction: each REMOVE we read lets the target's agent go on
  * zapping (its madvise waits for us to read the event), and that thread
- * preempts us on our CPU, the page-fault thread none of its time.  A
+ * preempts us on our CPU, none of its time the faulting thread's.  A
  * period with REMOVE or UNMAP events passes no verdict: one did, leaving
  * the thread ordinary and apart from the target for the first 0.2 s of
  * the faults after every `evict` (README, "What a random-fault p99 is
