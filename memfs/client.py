@@ -86,6 +86,14 @@ class Client:
         """End the session: the daemon puts every page back first."""
         self._check(lib.predicomp_client_stop(self._pc), "stopping the session")
 
+    def stats(self) -> dict[str, int]:
+        """What the library did while no daemon served this process: takeovers,
+        agent_faults (faults it served itself), resumes, alone (1 now)."""
+        st = ffi.new("struct predicomp_client_stats *")
+        self._check(lib.predicomp_client_stats(self._pc, st), "stats")
+        return {"takeovers": st.takeovers, "agent_faults": st.agent_faults, "resumes": st.resumes,
+                "alone": st.alone}
+
     @property
     def has_agent(self) -> bool:
         return bool(lib.predicomp_client_has_agent(self._pc))

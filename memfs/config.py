@@ -9,6 +9,7 @@ native core needs are pushed to it whenever they change.
 from __future__ import annotations
 
 import errno
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,11 +24,12 @@ def _number_range(kind: type, lo, hi) -> Callable[[str], object]:
     """A parser of numbers of `kind` (int: decimal only) between lo and hi."""
     what = "an integer" if kind is int else "a number"
 
+    pattern = r"[0-9]+" if kind is int else r"[0-9]+(\.[0-9]*)?|\.[0-9]+"
+
     def parse(text: str):
-        try:
-            v = int(text, 10) if kind is int else kind(text)
-        except ValueError:
+        if not re.fullmatch(pattern, text, re.ASCII):  # no signs, underscores, other scripts' digits
             raise ValueError(f"not {what}: {text!r}")
+        v = int(text, 10) if kind is int else kind(text)
         if not lo <= v <= hi:
             raise ValueError(f"{v} is outside {lo}..{hi}")
         return v
@@ -94,7 +96,8 @@ SETTINGS = {s.name: s for s in [
             "resident registered memory a session may keep before its coldest pages are evicted",
             per_session=True),
     Setting("store_cap_bytes", MAX, _or_max(_bytes),
-            "memory the compressed store may use; compressing stops there"),
+            "memory the compressed store may use (all sessions together); compressing stops there",
+            native="store_cap_bytes"),
     Setting("codec", "lz4", _choice(*core.CODECS),
             "compressor for new copies: lz4, lz4hc (smaller, slower), lz4fast", native="codec"),
     Setting("min_savings_pct", 12, _number_range(int, 0, 99),
@@ -121,6 +124,17 @@ SETTINGS = {s.name: s for s in [
             "set, above which the policy backs off", per_session=True),
     Setting("degraded_fault_rate", 2000, _number_range(int, 1, 10_000_000),
             "faults per second above which a session is marked degraded", per_session=True),
+    Setting("agent_timeout_ms", 10_000, _number_range(int, 100, 3_600_000),
+            "how long a target's agent has to answer a request: past it, a request it never began is "
+            "cancelled and the operation fails with ETIMEDOUT"),
+    Setting("uid_connections_max", 256, _or_max(_number_range(int, 1, 1_000_000)),
+            "connections one user (other than root) may have open at once"),
+    Setting("uid_sessions_max", 128, _or_max(_number_range(int, 1, 1_000_000)),
+            "sessions one user (other than root) may have running at once"),
+    Setting("uid_registered_bytes_max", 1 << 40, _or_max(_bytes),
+            "memory one user's (other than root's) sessions may register in all"),
+    Setting("limit_root", 0, _number_range(int, 0, 1),
+            "1: the uid_* limits apply to root too"),
 ]}
 
 
@@ -147,22 +161,27 @@ class Config:
             raise OSError(errno.ENOENT, f"no setting {name}")
         try:
             value = s.parse(text.strip())
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             raise OSError(errno.EINVAL, f"{name}: {e}")
+        if s.native:
+            self._apply_native({**self.values, name: value})  # a value it refuses is never stored
         self.values[name] = value
-        if s.native or name == "store_cap_bytes":
-            self._apply_native()
         self.changes.bump("set")
 
     async def wait_changed(self) -> None:
         await self.changes.wait_changed(self.changes.generation)
 
-    def _apply_native(self) -> None:
-        t = {s.native: (core.CODECS[self.values[n]] if n == "codec" else self.values[n])
-             for n, s in SETTINGS.items() if s.native}
-        cap = self.values["store_cap_bytes"]
-        t["store_cap_bytes"] = 0 if cap is MAX else cap
-        core.set_tunables(**t)
+    def _apply_native(self, values: dict | None = None) -> None:
+        values = self.values if values is None else values
+        t = {}
+        for n, s in SETTINGS.items():
+            if s.native:
+                v = values[n]
+                t[s.native] = core.CODECS[v] if n == "codec" else core.UNLIMITED if v is MAX else v
+        try:
+            core.set_tunables(**t)
+        except (OverflowError, TypeError) as e:
+            raise OSError(errno.EINVAL, f"the pager core refuses it: {e}")
 
 
 class SessionConfig:

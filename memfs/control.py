@@ -93,7 +93,7 @@ async def run_on_all(daemon, cmd: Command) -> OpResult:
     if cmd.selector.kind in ("pages", "addr"):
         raise OSError(errno.EINVAL, f"{cmd.selector.kind}= selects pages of one session: use its ctl")
     sessions = [s for s in list(daemon.sessions.values()) if s.state == "running"
-                and not (cmd.verb == "evict" and not s.pager.source.can_free)]
+                and not (cmd.verb == "evict" and not s.pager.can_free)]
     shares = None
     wanted = 0
     if cmd.selector.kind == "bytes":

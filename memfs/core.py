@@ -35,6 +35,8 @@ COUNTER_NAMES = tuple(name for name, _ in ffi.typeof("struct mc_counters").field
 STORE_STAT_NAMES = tuple(name for name, _ in ffi.typeof("struct mc_store_stats").fields)
 TUNABLE_NAMES = tuple(name for name, _ in ffi.typeof("struct mc_tunables").fields)
 HIST_BUCKETS = lib.MC_HIST_BUCKETS
+IOCTL_NAMES = ("UFFDIO_COPY", "UFFDIO_ZEROPAGE", "UFFDIO_WRITEPROTECT", "UFFDIO_WAKE", "UFFDIO_MOVE",
+               "UFFDIO_POISON", "UFFDIO_REGISTER", "UFFDIO_UNREGISTER")
 # The cffi modules are opened by a Python thread that may later exit; the
 # fault threads are the C library's own, so nothing here is tied to one.
 
@@ -77,6 +79,7 @@ class RangeInfo:
     npages: int
     pages_in: dict[str, int]
     bytes_compressed: int
+    flags: int = 0
 
     @property
     def length(self) -> int:
@@ -93,7 +96,11 @@ def runs_array(runs: list[Run]):
     return arr
 
 
+UNLIMITED = 2**64 - 1  # a 64-bit tunable's "max"
+
+
 def set_tunables(**values: int) -> None:
+    """Set native tunables, all or none (OverflowError: a value does not fit its field)."""
     t = ffi.new("struct mc_tunables *")
     lib.mc_get_tunables(t)
     for k, v in values.items():
@@ -154,15 +161,12 @@ class NativeSession:
     later call fail with ESRCH, so C memory is never used after it is freed.
     """
 
-    def __init__(self, uffd: int, pid: int, ranges: list[tuple[int, int]]):
-        """Takes ownership of `uffd` on success."""
-        addrs = ffi.new("uint64_t[]", [a for a, _ in ranges])
-        lengths = ffi.new("uint64_t[]", [n for _, n in ranges])
+    def __init__(self, uffd: int, pid: int, pidfd: int, session_id: int = 0, store_reserve: int = 0):
+        """Takes ownership of `uffd` on success; `pidfd` is the target's (the session keeps a copy)."""
         err = ffi.new("int *")
-        self._s = lib.mc_session_new(uffd, pid, len(ranges), addrs, lengths, err)
+        self._s = lib.mc_session_new(uffd, pid, pidfd, session_id, store_reserve, err)
         if self._s == ffi.NULL:
             raise OSError(err[0], f"creating the session: {os.strerror(err[0])}")
-        self.nranges = len(ranges)
         self.staging_pages = 0
         self._calls = 0
         self._freed = False
@@ -184,22 +188,36 @@ class NativeSession:
 
     # -- lifecycle --------------------------------------------------------
     @_guarded
-    def set_staging(self, addr: int, npages: int) -> None:
-        """The target's staging area for the access sampler (before register())."""
-        check(lib.mc_session_set_staging(self._s, addr, npages), "staging area")
-        self.staging_pages = npages
+    def add_range(self, addr: int, length: int, flags: int, index: int = -1) -> int:
+        """Register a range for faults and learn which of its pages exist; its index."""
+        buf = ffi.new("char[]", 512)
+        rc = lib.mc_range_add(self._s, addr, length, flags, index, buf, 512)
+        if rc < 0:
+            raise OSError(-rc, ffi.string(buf).decode(errors="replace") or os.strerror(-rc))
+        return rc
 
     @_guarded
-    def register(self) -> None:
+    def set_staging(self, addr: int, npages: int) -> None:
+        """The target's staging area for the access sampler (none if the kernel cannot move pages)."""
+        self.staging_pages = check(lib.mc_session_set_staging(self._s, addr, npages), "staging area")
+
+    @_guarded
+    def import_store(self, old_store_fd: int, ranges: list[tuple[int, int, int, int]],
+                     forget: list[Run]) -> None:
+        """Take a session back from the store a target kept (RESUME): ranges are
+        (index, flags, start, npages), forget the runs the target discarded meanwhile."""
+        arr = ffi.new("struct mc_resume_range[]", max(1, len(ranges)))
+        for i, (index, flags, start, npages) in enumerate(ranges):
+            arr[i].index, arr[i].flags, arr[i].start, arr[i].npages = index, flags, start, npages
         buf = ffi.new("char[]", 512)
-        rc = lib.mc_session_register(self._s, buf, 512)
+        rc = lib.mc_session_import(self._s, old_store_fd, arr, len(ranges), runs_array(forget), len(forget),
+                                   buf, 512)
         if rc < 0:
             raise OSError(-rc, ffi.string(buf).decode(errors="replace") or os.strerror(-rc))
 
     @_guarded
     def start(self) -> None:
         check(lib.mc_session_start(self._s), "starting the fault thread")
-        self._started = True
 
     @_guarded
     def stop(self) -> None:
@@ -208,6 +226,13 @@ class NativeSession:
     @_guarded
     def unregister(self) -> int:
         return lib.mc_session_unregister(self._s)
+
+    @_guarded
+    def store_fds(self) -> tuple[int, int]:
+        """New descriptors for the target: its store (read-only) and its fence page; the caller closes them."""
+        ro, fence = ffi.new("int *"), ffi.new("int *")
+        check(lib.mc_session_store_fds(self._s, ro, fence), "store descriptors")
+        return ro[0], fence[0]
 
     def free(self) -> None:
         """Stop the fault thread, free the page tables and every copy, close the uffd.
@@ -234,6 +259,31 @@ class NativeSession:
         with self._cond:
             return self._freed or bool(lib.mc_session_dead(self._s))
 
+    # -- fences (agent requests) ------------------------------------------------
+    @_guarded
+    def fence_arm(self, request_id: int) -> None:
+        lib.mc_fence_arm(self._s, request_id)
+
+    @_guarded
+    def fence_cancel(self, request_id: int) -> bool:
+        """True if the request can no longer begin; False if the agent began it."""
+        return bool(lib.mc_fence_cancel(self._s, request_id))
+
+    @_guarded
+    def fence_clear(self, request_id: int) -> None:
+        lib.mc_fence_clear(self._s, request_id)
+
+    @_guarded
+    def fence_busy(self, request_id: int) -> bool:
+        return bool(lib.mc_fence_busy(self._s, request_id))
+
+    @_guarded
+    def ioctl_failures(self) -> list[tuple[str, int, int, int]]:
+        """(ioctl, errno, failures, last address) of each uffd ioctl that failed since the last call."""
+        out = ffi.new("struct mc_ioctl_failure[]", lib.MC_IOCTL_KINDS)
+        n = lib.mc_ioctl_failures(self._s, out, lib.MC_IOCTL_KINDS)
+        return [(IOCTL_NAMES[out[i].kind], out[i].err, out[i].count, out[i].addr) for i in range(n)]
+
     # -- numbers -------------------------------------------------------------
     @_guarded
     def counters(self) -> dict[str, int]:
@@ -257,14 +307,25 @@ class NativeSession:
     @_guarded
     def range_info(self, index: int) -> RangeInfo:
         info = ffi.new("struct mc_range_info *")
-        check(lib.mc_range_get(self._s, index, info), "range")
+        check(lib.mc_range_get(self._s, index, info), f"range {index}")
         return RangeInfo(index, info.start, info.npages,
                          {name: info.nstate[i] for i, name in enumerate(STATES)},
-                         info.bytes_compressed)
+                         info.bytes_compressed, info.flags)
 
     @_guarded
     def ranges(self) -> list[RangeInfo]:
-        return [self.range_info(i) for i in range(self.nranges)]
+        """The live ranges, by index."""
+        out = []
+        info = ffi.new("struct mc_range_info *")
+        for i in range(lib.mc_session_nranges(self._s)):
+            if lib.mc_range_get(self._s, i, info) == 0:
+                out.append(RangeInfo(i, info.start, info.npages,
+                                     {name: info.nstate[k] for k, name in enumerate(STATES)},
+                                     info.bytes_compressed, info.flags))
+        return out
+
+    def range_indexes(self) -> list[int]:
+        return [r.index for r in self.ranges()]
 
     @_guarded
     def addr_to_page(self, addr: int) -> tuple[int, int]:
@@ -305,9 +366,9 @@ class NativeSession:
         return r
 
     @_guarded
-    def restore(self, runs: list[Run], final: bool = False, verify: bool = False) -> OpResult:
+    def restore(self, runs: list[Run], final: bool = False) -> OpResult:
         res = ffi.new("struct mc_op_result *")
-        flags = (lib.MC_RESTORE_FINAL if final else 0) | (lib.MC_RESTORE_VERIFY if verify else 0)
+        flags = lib.MC_RESTORE_FINAL if final else 0
         rc = lib.mc_restore(self._s, runs_array(runs), len(runs), flags, res)
         out = OpResult()
         out.add(res)
@@ -364,6 +425,32 @@ class NativeSession:
             check(lib.mc_note_access(self._s, runs_array(runs), len(runs), when_ms & 0xFFFFFFFF), "access")
 
     # -- inspection ------------------------------------------------------------
+    @_guarded
+    def indexed_runs(self, range_index: int | None = None) -> list[Run]:
+        """The runs of pages that ever had a state (the rest is untouched): what a
+        whole-range operation needs to visit, however sparse the range."""
+        cap = 1024
+        while True:
+            out = ffi.new("struct mc_run[]", cap)
+            n = lib.mc_indexed(self._s, -1 if range_index is None else range_index, out, cap)
+            if n != -errno.ENOSPC:
+                check(n, "index")
+                return [(out[i].range, out[i].first, out[i].count) for i in range(n)]
+            cap *= 4
+
+    def clip(self, runs: list[Run]) -> list[Run]:
+        """Those parts of runs that lie where pages ever had a state."""
+        by_range: dict[int, list[tuple[int, int]]] = {}
+        for r, first, count in self.indexed_runs():
+            by_range.setdefault(r, []).append((first, first + count))
+        out = []
+        for r, first, count in runs:
+            for lo, hi in by_range.get(r, ()):
+                a, b = max(lo, first), min(hi, first + count)
+                if a < b:
+                    out.append((r, a, b - a))
+        return out
+
     @_guarded
     def select(self, range_index: int | None, states: int, min_age_ms: int = 0,
                max_pages: int = 0, order: int = 0, skip: int = 0) -> tuple[list[Run], int]:

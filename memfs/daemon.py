@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 import time
 from collections import Counter
 
@@ -22,6 +23,7 @@ from . import core, protocol
 from .access import AccessMonitor
 from .config import Config
 from .events import EventCounts
+from .limits import UserLimits, raise_nofile
 from .session import Session
 
 log = logging.getLogger("memfs.daemon")
@@ -30,6 +32,8 @@ GLOBAL_EVENTS = ("sessions_started", "sessions_ended", "sessions_refused", "comp
                  "prefetch", "recompress", "restore_fail", "degraded", "damon_unavailable")
 WATCH_SECONDS = 0.25  # how often the fault threads' own news (restore failures) is looked for
 SHUTDOWN_SECONDS = 60
+IOCTL_LOG_SECONDS = 10  # a session's failing uffd ioctl is logged at most this often (per ioctl)
+ACCEPT_BACKOFF = (0.01, 1.0)  # out of descriptors: wait this long before accepting again, doubling
 # Counters that are levels, not totals: an ended session stops contributing.
 LEVEL_COUNTERS = {"store_pages", "store_pages_recompressed", "store_bytes_logical", "store_bytes_compressed",
                   "store_bytes_used", "store_bytes_peak", "fault_latency_ns_max"}
@@ -44,6 +48,8 @@ class Daemon:
         self.sessions: dict[int, Session] = {}
         self.sessions_total = 0
         self._next_id = 1
+        self.limits = UserLimits(self.config, nofile=raise_nofile())
+        self._ioctl_logged: dict[tuple[int, str], float] = {}
         self.limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
         self.ended_totals: Counter = Counter()
         self.ended_latency_max = 0
@@ -57,13 +63,16 @@ class Daemon:
             self.events.bump("damon_unavailable")
 
     # -- sessions -----------------------------------------------------------------
-    def add_session(self, s: Session) -> int:
+    def new_session_id(self) -> int:
         sid = self._next_id
         self._next_id += 1
-        self.sessions[sid] = s
+        return sid
+
+    def add_session(self, s: Session) -> None:
+        """A session runs now (ids come from new_session_id)."""
+        self.sessions[s.id] = s
         self.sessions_total += 1
         self.events.bump("sessions_started")
-        return sid
 
     def remove_session(self, s: Session) -> None:
         if self.sessions.pop(s.id, None) is None:
@@ -106,22 +115,42 @@ class Daemon:
             h = [a + b for a, b in zip(h, s.histogram())]
         return h
 
+    def _log_ioctl_failures(self, s: Session) -> None:
+        """Each failing uffd ioctl of a session, in the log: its name, errno, count, at most every IOCTL_LOG_SECONDS."""
+        now = time.monotonic()
+        for name, err, count, addr in s.native.ioctl_failures():
+            key = (s.id, name)
+            pending = self._ioctl_logged.get(key, (0.0, 0))
+            count += pending[1]
+            if now - pending[0] < IOCTL_LOG_SECONDS:
+                self._ioctl_logged[key] = (pending[0], count)  # said recently: counted, told later
+                continue
+            log.warning("%s: %s failed %d time(s): %s (last at 0x%x)", s, name, count,
+                        errno.errorcode.get(err, err), addr)
+            self._ioctl_logged[key] = (now, 0)
+
     async def _watch_sessions(self) -> None:
-        """Turn what the fault threads counted into events scripts can poll for."""
+        """Turn what the fault threads counted into events scripts can poll for, and log their failures."""
         seen: dict[int, int] = {}
         while True:
             await trio.sleep(WATCH_SECONDS)
             for sid, s in list(self.sessions.items()):
-                if s.native is None or s.state == "ended":
+                if s.native is None or not s.live:
                     fails = s.final_counters.get("restore_fail", 0)
                 else:
-                    fails = s.native.restore_failures()
+                    try:
+                        fails = s.native.restore_failures()
+                        self._log_ioctl_failures(s)
+                    except OSError:
+                        continue  # it ended meanwhile
                 if fails > seen.get(sid, 0):
                     s.events.bump("restore_fail", fails - seen.get(sid, 0))
                     self.events.bump("restore_fail", fails - seen.get(sid, 0))
                 seen[sid] = fails
             for sid in set(seen) - set(self.sessions):
                 del seen[sid]
+            for key in [k for k in self._ioctl_logged if k[0] not in self.sessions]:
+                del self._ioctl_logged[key]
 
     # -- serving --------------------------------------------------------------------------
     async def _listen(self) -> trio.socket.SocketType:
@@ -164,19 +193,49 @@ class Daemon:
                 await self.access.close()
 
     async def _accept_loop(self, listener) -> None:
+        """Accept for ever: out of descriptors (EMFILE, ENFILE) or over the connections the
+        descriptor limit allows, it logs, waits and tries again; it never ends the daemon."""
+        backoff = ACCEPT_BACKOFF[0]
         while True:
-            conn, _ = await listener.accept()
+            if not self.limits.connection_room():
+                log.warning("%d connections: no room for more under RLIMIT_NOFILE (%d); waiting",
+                            sum(self.limits.connections.values()), self.limits.nofile)
+                await trio.sleep(backoff)
+                backoff = min(ACCEPT_BACKOFF[1], backoff * 2)
+                continue
+            try:
+                conn, _ = await listener.accept()
+            except OSError as e:
+                if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                log.warning("accept: %s; trying again in %.2f s", e.strerror, backoff)
+                await trio.sleep(backoff)
+                backoff = min(ACCEPT_BACKOFF[1], backoff * 2)
+                continue
+            backoff = ACCEPT_BACKOFF[0]
             self._nursery.start_soon(self._serve_connection, conn)
 
     async def _serve_connection(self, conn) -> None:
-        session = Session(self, conn)
         with conn:
+            try:
+                uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))[1]
+                self.limits.connect(uid)
+            except OSError as e:
+                log.info("connection refused: %s", e.strerror)
+                self.events.bump("sessions_refused")
+                with trio.move_on_after(1):
+                    await conn.send(protocol.encode_err(1, e.errno or errno.EIO, e.strerror or str(e)))
+                return
+            session = Session(self, conn)
             try:
                 await session.run()
             except Exception:
                 # a bug must cost one session, never the daemon
                 log.exception("%s failed", session)
                 self.remove_session(session)
+            finally:
+                self.limits.disconnect(uid)
 
     async def shutdown(self) -> None:
         """End every session gracefully (targets get their pages back), then stop."""

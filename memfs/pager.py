@@ -8,10 +8,13 @@ native core on a worker thread (two chunks at once: `Pager._spread`), and
 a cancellation takes effect between chunks.  One operation runs at a time
 per session, so an operation never meets another's half-done pages.
 
-Freeing pages needs the target's cooperation: the session's
-`MemorySource` carries EVICT requests to it.  An eviction, once asked
-for, completes when the source reports back (`eviction_done`), whoever
-was waiting for it, so a cancelled caller never leaves pages half-evicted.
+Freeing pages needs the target's cooperation: its agent (`AgentChannel`)
+drops them on request.  An eviction, once asked for, ends when the agent
+answers, whoever was waiting for it, so a cancelled caller never leaves
+pages half-evicted; an agent that does not answer within `agent_timeout_ms`
+makes the operation fail with ETIMEDOUT, and the request is cancelled if
+the agent has not begun it (its pages stay as they were).  A session
+without an agent is wp-only: pages are compressed, never freed.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Protocol
 import trio
 
 from . import protocol
+from .agent import AgentChannel
 from .core import NativeSession, OpResult, Run
 from .errors import first_oserror
 
@@ -34,39 +38,11 @@ CHUNK_PAGES = 2048  # pages per native call: the grain of cancellation
 # time (what 1024-page chunks cost: commit cddc0a9's message).
 PREFETCH_CHUNK_PAGES = 4096
 WORKERS = 2  # chunks of one operation in hand at once (the daemon's limiter caps threads)
-EVICT_SETTLE_SECONDS = 10.0
 
 
 class SessionEnded(OSError):
     def __init__(self, text="the session has ended"):
         super().__init__(errno.ESRCH, text)
-
-
-class MemorySource(Protocol):
-    """Where a session's pages live, and how to free them."""
-
-    mode: str  # "full" or "wp-only"
-    can_free: bool
-
-    async def request_free(self, request_id: int, addr_runs: list[tuple[int, int]]) -> None:
-        """Ask for these address runs to be dropped; the answer comes to Pager.eviction_done."""
-
-
-class NoFree:
-    """A target without an agent: pages are compressed and tracked, never freed."""
-
-    mode = "wp-only"
-    can_free = False
-
-    async def request_free(self, request_id, addr_runs):
-        raise OSError(errno.EOPNOTSUPP, "this session is wp-only: its pages cannot be freed")
-
-
-@dataclass
-class _Eviction:
-    addr_runs: list[tuple[int, int]]
-    done: trio.Event = field(default_factory=trio.Event)
-    result: OpResult | None = None
 
 
 def chunked(runs: list[Run], limit: int = CHUNK_PAGES):
@@ -87,17 +63,24 @@ def chunked(runs: list[Run], limit: int = CHUNK_PAGES):
 
 
 class Pager:
-    def __init__(self, native: NativeSession, source: MemorySource, limiter: trio.CapacityLimiter,
-                 on_done=lambda verb: None):
+    def __init__(self, native: NativeSession, agent: AgentChannel | None, limiter: trio.CapacityLimiter,
+                 agent_timeout=lambda: 10.0, on_done=lambda verb: None):
         self.native = native
-        self.source = source
+        self.agent = agent  # None: wp-only
         self._limiter = limiter
+        self._agent_timeout = agent_timeout  # seconds the agent has to answer a request
         self._on_done = on_done  # told the verb after each operation that completed
         self._op_lock = trio.Lock()
         self._op_scopes: set[trio.CancelScope] = set()
-        self._inflight: dict[int, _Eviction] = {}
-        self._next_request = 1
         self.closed = False
+
+    @property
+    def mode(self) -> str:
+        return "full" if self.agent is not None else "wp-only"
+
+    @property
+    def can_free(self) -> bool:
+        return self.agent is not None
 
     async def _in_thread(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
@@ -158,7 +141,7 @@ class Pager:
 
     async def evict(self, runs: list[Run]) -> OpResult:
         """Free pages from the target, compressing first where needed; done = pages freed."""
-        if not self.source.can_free:
+        if self.agent is None:
             raise OSError(errno.EOPNOTSUPP, "this session is wp-only: its pages cannot be freed")
 
         async def evict_chunk(chunk) -> OpResult:
@@ -169,15 +152,33 @@ class Pager:
             if not addr_runs:
                 out.skipped = prep.seen
                 return out
-            ev = await self._start_eviction(addr_runs)
-            await ev.done.wait()
-            out.done = ev.result.done
-            out.skipped = prep.seen - ev.result.done
+            done = await self._ask_agent(addr_runs)
+            out.done = done.done
+            out.skipped = prep.seen - done.done
             return out
 
         async def evict():
             return await self._spread(chunked(runs, min(CHUNK_PAGES, protocol.EVICT_MAX_RUNS)), evict_chunk)
         return await self._run_op(evict)
+
+    async def _ask_agent(self, addr_runs) -> OpResult:
+        """One EVICT request, to its end: answered, or given up after agent_timeout_ms
+        (or when the operation is cancelled)."""
+        rid, req = await self.agent.evict(addr_runs)
+        try:
+            with trio.move_on_after(self._agent_timeout()):
+                await req.answered.wait()
+        finally:
+            began = not req.answered.is_set() and not self.agent.cancel(rid)
+        if req.answered.is_set() and not req.cancelled:
+            return req.result
+        if not began:
+            raise OSError(errno.ETIMEDOUT, f"the target's agent did not answer within "
+                          f"{self._agent_timeout():g} s: its pages stay in it")
+        # it began: its answer completes the eviction whenever it comes (pages stay
+        # evicting meanwhile, their copies kept, writes to them held)
+        raise OSError(errno.ETIMEDOUT, f"the target's agent began freeing pages and did not finish "
+                      f"within {self._agent_timeout():g} s")
 
     async def prefetch(self, runs: list[Run]) -> OpResult:
         """Put evicted pages back before they are touched (they stay tracked: state clean)."""
@@ -194,59 +195,29 @@ class Pager:
                 self.native.recompress, chunk))
         return await self._run_op(recompress)
 
-    # -- evictions in flight ------------------------------------------------------
-    async def _start_eviction(self, addr_runs) -> _Eviction:
-        rid = self._next_request
-        self._next_request += 1
-        ev = _Eviction(addr_runs)
-        self._inflight[rid] = ev
-        try:
-            await self.source.request_free(rid, addr_runs)
-        except BaseException:
-            # never sent: nothing was dropped, so the pages go back to clean
-            self._inflight.pop(rid, None)
-            ev.result = self.native.evict_complete(addr_runs, -errno.ECANCELED)
-            ev.done.set()
-            raise
-        return ev
-
-    def eviction_done(self, request_id: int, status: int) -> None:
-        """The source dropped (status 0) or failed to drop the pages of a request."""
-        ev = self._inflight.pop(request_id, None)
-        if ev is None:
-            raise protocol.ProtocolError(errno.EINVAL, f"EVICT_DONE for unknown request {request_id}")
-        ev.result = self.native.evict_complete(ev.addr_runs, status)
-        ev.done.set()
-
-    @property
-    def evictions_in_flight(self) -> int:
-        return len(self._inflight)
-
-    async def settle_evictions(self) -> bool:
-        """Wait for outstanding evictions to be answered; False if some never were."""
-        with trio.move_on_after(EVICT_SETTLE_SECONDS):
-            while self._inflight:
-                await next(iter(self._inflight.values())).done.wait()
-        return not self._inflight
-
     # -- the end -----------------------------------------------------------------
-    async def close(self, restore: bool) -> None:
-        """End the pager: stop operations, then (if the target lives on) give every
-        page back writable and unregister, so the target runs on without us."""
+    async def close(self, restore: bool, before_restore=None) -> bool:
+        """End the pager: stop operations; then, if the target lives on, give every
+        page back writable and unregister, so the target runs on without us.
+
+        Requests the agent never began are cancelled: it will not carry them out.
+        If it began one and does not finish it within agent_timeout_ms, nothing is
+        given back and False is returned: the session must be left to the target
+        (its client serves its own faults from the store it holds), since pages the
+        agent is still dropping must keep their copies."""
         self.closed = True
         for scope in list(self._op_scopes):
             scope.cancel()
         async with self._op_lock:
+            if restore and self.agent is not None:
+                self.agent.cancel_all()
+                if not await self.agent.wait_begun(self._agent_timeout()):
+                    log.warning("the agent began %d request(s) and did not finish them: "
+                                "the session is left to the target", len(self.agent.in_flight))
+                    return False
+            if restore and before_restore is not None:
+                await before_restore()
             if restore:
-                settled = await self.settle_evictions()
-                if not settled:
-                    log.warning("agent did not answer %d eviction(s); pagemap decides",
-                                len(self._inflight))
-                runs = [(r.index, 0, r.npages) for r in self.native.ranges()]
-                await self._in_thread(self.native.restore, runs, True, not settled)
+                await self._in_thread(self.native.restore, self.native.indexed_runs(), True)
                 await self._in_thread(self.native.unregister)
-            for ev in self._inflight.values():
-                ev.result = OpResult()
-                ev.done.set()
-            self._inflight.clear()
-
+        return True

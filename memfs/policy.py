@@ -127,7 +127,7 @@ class Policy:
         mode = cfg.get("policy")
         pager = s.pager
         cap = cfg.get("soft_cap_bytes")
-        over_cap = cap is not None and resident * PAGE_SIZE > cap and pager.source.can_free
+        over_cap = cap is not None and resident * PAGE_SIZE > cap and pager.can_free
         if quiet and not over_cap and not s.events.counts.get("degraded") and not self._could_act(mode):
             self.idle = True
             return
@@ -139,7 +139,7 @@ class Policy:
             self.evicted += (await pager.evict(runs)).done
             return
         age = self.cold_age_ms()
-        if mode == "evict" and pager.source.can_free:
+        if mode == "evict" and pager.can_free:
             runs, n = s.native.select(None, PRESENT, min_age_ms=age)
             self.cold_marks += n
             if runs:
@@ -169,7 +169,7 @@ class Policy:
             c = CANDIDATES["recompress"]
             if s.native.select(None, c.states, max_pages=1, skip=c.skip)[1] > 0:
                 return True
-        if mode == "evict" and s.pager.source.can_free:
+        if mode == "evict" and s.pager.can_free:
             return s.native.select(None, PRESENT, max_pages=1)[1] > 0
         # compress, and evict where pages cannot be freed (step() compresses them then)
         c = CANDIDATES["compress"]

@@ -1,4 +1,4 @@
-"""Protocol v1 between a target and the daemon: framing and validation.
+"""Protocol v2 between a target and the daemon: framing and validation.
 
 The wire format is specified in native/include/predicomp_proto.h (the C
 client includes it); this module mirrors it for the daemon, and
@@ -10,11 +10,12 @@ the encode_* functions build replies.  Any violation raises
 from __future__ import annotations
 
 import errno
+import os
 import struct
 from dataclasses import dataclass, field
 
 MAGIC = 0x50434D50
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("=IHHII")  # magic, version, type, length, seq
 HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 65536
@@ -24,10 +25,13 @@ DEFAULT_SOCKET = "/run/memfs/memfs.sock"
 PAGE_SIZE = 4096
 
 HELLO, RANGE, START, STOP, PREFETCH, EVICT_DONE, SAMPLE_DONE = 1, 2, 3, 4, 5, 6, 7
+RESUME, FORGET, ADOPT = 8, 9, 10
 ACK, ERR, EVICT, SAMPLE = 64, 65, 66, 67
 NAMES = {HELLO: "HELLO", RANGE: "RANGE", START: "START", STOP: "STOP",
-         PREFETCH: "PREFETCH", EVICT_DONE: "EVICT_DONE", SAMPLE_DONE: "SAMPLE_DONE", ACK: "ACK",
+         PREFETCH: "PREFETCH", EVICT_DONE: "EVICT_DONE", SAMPLE_DONE: "SAMPLE_DONE",
+         RESUME: "RESUME", FORGET: "FORGET", ADOPT: "ADOPT", ACK: "ACK",
          ERR: "ERR", EVICT: "EVICT", SAMPLE: "SAMPLE"}
+FDS_TAKEN = {START: 1, RESUME: 2}  # the messages that carry descriptors, and how many
 
 CAP_AGENT = 0x1
 CAP_PREFETCH = 0x2
@@ -36,6 +40,7 @@ RANGE_ANON_PRIVATE = 0x1
 RANGE_WRITABLE = 0x2
 RANGE_STAGING = 0x4
 STAGING_MAX_PAGES = 65536
+STORE_MAX_RANGES = 4096  # PCS_MAX_RANGES: a range's index in a session (RESUME gives the old one)
 
 HELLO_BODY = struct.Struct("=IIQII")  # pid, nranges, caps, page_size, reserved
 RANGE_BODY = struct.Struct("=QQII")  # addr, length, flags, index
@@ -52,6 +57,11 @@ MOVE = struct.Struct("=QQ")  # src, dst
 SAMPLE_DONE_BODY = struct.Struct("=QII")  # request_id, nmoves, nmoved; then a bitmap
 SAMPLE_ZAP_STAGING = 0x1
 SAMPLE_MAX_MOVES = (MAX_PAYLOAD - SAMPLE_BODY.size) // MOVE.size
+RESUME_BODY = struct.Struct("=QQQQQII")  # uffd_features, old_session, takeovers, agent_faults, resumes, nforget, reserved
+FORGET_BODY = struct.Struct("=II")  # nruns, reserved
+FORGET_RUN = struct.Struct("=IIQQ")  # range, reserved, first, count
+FORGET_MAX_RUNS = (MAX_PAYLOAD - FORGET_BODY.size) // FORGET_RUN.size
+MAX_FORGET_RUNS = 1 << 20
 
 
 class ProtocolError(Exception):
@@ -86,6 +96,18 @@ class Start:
 
 
 @dataclass
+class Resume:
+    uffd_features: int
+    old_session: int
+    takeovers: int
+    agent_faults: int
+    resumes: int
+    nforget: int
+    uffd: int
+    store: int
+
+
+@dataclass
 class Prefetch:
     addr: int
     length: int
@@ -117,25 +139,53 @@ def _exact(payload: bytes, st: struct.Struct, name: str, seq: int) -> tuple:
     return st.unpack(payload)
 
 
+def _take_fds(fds: list[int], n: int, name: str, what: str, seq: int) -> list[int]:
+    """The n descriptors a message carries; any others ride along by mistake."""
+    if len(fds) != n:
+        raise ProtocolError(errno.EBADF, f"{name} without {what} (SCM_RIGHTS: {len(fds)} descriptors, expected {n})", seq)
+    taken = fds[:]
+    fds.clear()
+    return taken
+
+
 def decode_body(ftype: int, seq: int, payload: bytes, fds: list[int]) -> Frame:
     """Validate one frame's payload; START takes its fd from `fds`."""
     if ftype == HELLO:
         pid, nranges, caps, page_size, reserved = _exact(payload, HELLO_BODY, "HELLO", seq)
         if page_size != PAGE_SIZE:
             raise ProtocolError(errno.EINVAL, f"HELLO: page size {page_size}, only {PAGE_SIZE} is supported", seq)
-        if not 1 <= nranges <= MAX_RANGES + 1:
-            raise ProtocolError(errno.EINVAL, f"HELLO: {nranges} ranges, must be 1..{MAX_RANGES}", seq)
+        data_ranges = nranges - (1 if caps & CAP_STAGING else 0)
+        if not 1 <= data_ranges <= MAX_RANGES:
+            raise ProtocolError(errno.EINVAL, f"HELLO: {data_ranges} ranges, must be 1..{MAX_RANGES}"
+                                + (" and the staging area" if caps & CAP_STAGING else ""), seq)
         if reserved or caps & ~(CAP_AGENT | CAP_PREFETCH | CAP_STAGING):
             raise ProtocolError(errno.EINVAL, f"HELLO: unknown capability bits 0x{caps:x}", seq)
+        if caps & CAP_STAGING and not caps & CAP_AGENT:
+            raise ProtocolError(errno.EINVAL, "HELLO: CAP_STAGING without CAP_AGENT (the agent makes the moves)", seq)
         return Frame(ftype, seq, Hello(pid, nranges, caps))
     if ftype == RANGE:
         addr, length, flags, index = _exact(payload, RANGE_BODY, "RANGE", seq)
         return Frame(ftype, seq, Range(addr, length, flags, index))
     if ftype == START:
         (features,) = _exact(payload, START_BODY, "START", seq)
-        if not fds:
-            raise ProtocolError(errno.EBADF, "START without a userfaultfd (SCM_RIGHTS)", seq)
-        return Frame(ftype, seq, Start(features, fds.pop(0)))
+        (fd,) = _take_fds(fds, 1, "START", "a userfaultfd", seq)
+        return Frame(ftype, seq, Start(features, fd))
+    if ftype == RESUME:
+        features, old, takeovers, agent_faults, resumes, nforget, _ = _exact(payload, RESUME_BODY, "RESUME", seq)
+        uffd, store = _take_fds(fds, 2, "RESUME", "a userfaultfd and the old store", seq)
+        return Frame(ftype, seq, Resume(features, old, takeovers, agent_faults, resumes, nforget, uffd, store))
+    if ftype == FORGET:
+        if len(payload) < FORGET_BODY.size:
+            raise ProtocolError(errno.EINVAL, "FORGET: payload too short", seq)
+        (nruns, _) = FORGET_BODY.unpack_from(payload)
+        if len(payload) != FORGET_BODY.size + nruns * FORGET_RUN.size:
+            raise ProtocolError(errno.EINVAL, f"FORGET: {len(payload)} bytes for {nruns} runs", seq)
+        runs = [(r, first, count) for r, _, first, count in FORGET_RUN.iter_unpack(payload[FORGET_BODY.size:])]
+        return Frame(ftype, seq, runs)
+    if ftype == ADOPT:
+        if payload:
+            raise ProtocolError(errno.EINVAL, "ADOPT carries no payload", seq)
+        return Frame(ftype, seq)
     if ftype == STOP:
         if payload:
             raise ProtocolError(errno.EINVAL, "STOP carries no payload", seq)
@@ -188,6 +238,9 @@ class FrameReader:
             return None
         payload = bytes(self.buf[HEADER_SIZE:HEADER_SIZE + length])
         del self.buf[:HEADER_SIZE + length]
+        if ftype not in FDS_TAKEN and self.fds and not self.buf:
+            # descriptors come with the bytes of the message they ride on, the last received
+            raise ProtocolError(errno.EINVAL, f"file descriptor attached to {NAMES.get(ftype, ftype)}, which takes none", seq)
         return decode_body(ftype, seq, payload, self.fds)
 
     def pending(self) -> int:
@@ -195,7 +248,6 @@ class FrameReader:
         return len(self.buf)
 
     def close_fds(self) -> None:
-        import os
         for fd in self.fds:
             try:
                 os.close(fd)

@@ -53,11 +53,18 @@ def invalid(text: str) -> OSError:
     return OSError(errno.EINVAL, text)
 
 
+MAX_SIZE = (1 << 63) - 1  # what the native core's 64-bit counters take
+
+
 def parse_size(text: str) -> int:
-    m = re.fullmatch(r"(\d+)([KMGT]?)", text.strip(), re.IGNORECASE)
+    """N[K|M|G|T], ASCII digits only, at most 2**63 - 1 bytes."""
+    m = re.fullmatch(r"([0-9]+)([KMGT]?)", text.strip(), re.IGNORECASE | re.ASCII)
     if not m:
         raise invalid(f"bad size {text!r}")
-    return int(m.group(1)) * UNITS[m.group(2).upper()]
+    n = int(m.group(1)) * UNITS[m.group(2).upper()]
+    if n > MAX_SIZE:
+        raise invalid(f"size {text!r} is too large")
+    return n
 
 
 def parse(text: str) -> Selector:
@@ -70,7 +77,7 @@ def parse(text: str) -> Selector:
     if not eq:
         raise invalid(f"unknown selector {text!r}")
     if key == "pages":
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", value)
+        m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", value)
         if not m:
             raise invalid(f"bad page list {value!r}: expected A or A-B")
         lo = int(m.group(1))
@@ -79,7 +86,7 @@ def parse(text: str) -> Selector:
             raise invalid(f"bad page list {value!r}: B < A")
         return Selector("pages", lo, hi)
     if key == "addr":
-        m = re.fullmatch(r"(0x[0-9a-fA-F]+|\d+)-(0x[0-9a-fA-F]+|\d+)", value)
+        m = re.fullmatch(r"(0x[0-9a-fA-F]+|[0-9]+)-(0x[0-9a-fA-F]+|[0-9]+)", value)
         if not m:
             raise invalid(f"bad address range {value!r}: expected 0xA-0xB")
         lo, hi = int(m.group(1), 0), int(m.group(2), 0)
@@ -125,14 +132,14 @@ def _addr_runs(native: NativeSession, range_index: int | None, lo: int, hi: int)
 
 def resolve(sel: Selector, native: NativeSession, verb: str, range_index: int | None = None,
             cold_age_ms: int = 0) -> tuple[list[Run], int]:
-    """Runs to hand to the pager, and the pages wanted (for bytes=N, else 0)."""
+    """Runs to hand to the pager, and the pages wanted (for bytes=N, else 0).  Only the
+    parts of ranges where pages ever had a state are visited: the rest is untouched."""
     if sel.kind == "all":
-        ranges = native.ranges() if range_index is None else [native.range_info(range_index)]
-        return [(r.index, 0, r.npages) for r in ranges], 0
+        return native.indexed_runs(range_index), 0
     if sel.kind == "pages":
-        return _span_runs(native, range_index, sel.lo, sel.hi), 0
+        return native.clip(_span_runs(native, range_index, sel.lo, sel.hi)), 0
     if sel.kind == "addr":
-        return _addr_runs(native, range_index, sel.lo, sel.hi), 0
+        return native.clip(_addr_runs(native, range_index, sel.lo, sel.hi)), 0
     c = CANDIDATES[verb]
     if sel.kind == "cold":
         runs, _ = native.select(range_index, c.states, min_age_ms=cold_age_ms, skip=c.skip)
@@ -144,4 +151,4 @@ def resolve(sel: Selector, native: NativeSession, verb: str, range_index: int | 
 
 
 def all_runs(native: NativeSession) -> list[Run]:
-    return [(r.index, 0, r.npages) for r in native.ranges()]
+    return native.indexed_runs()

@@ -1,105 +1,75 @@
 """One target's session: the protocol conversation and the session's life.
 
-Life of a session:
+Life of a session (`State`):
   connecting  HELLO, RANGEs and START are read and validated; the native
-              session is created, registered and its fault thread started;
-              ACK(START) carries the session id.
+              session is created, its ranges registered and its fault thread
+              started; ACK(START) carries the session id and the target's
+              descriptors of its store and fence page.  Or, for a target
+              whose daemon died: HELLO, RANGEs, FORGETs and RESUME; the
+              session is rebuilt from the store the target kept, ACK(RESUME)
+              answers, and the daemon serves the faults from ADOPT on.
   running     the target may send PREFETCH hints and STOP; its agent
-              answers EVICT requests with EVICT_DONE.
+              answers EVICT and SAMPLE requests.
   stopping    on STOP, a protocol error or daemon shutdown: operations are
-              cancelled, outstanding evictions settled, every page given
-              back to the target writable and the ranges unregistered, then
-              ACK(STOP) or ERR is sent.  A target that is gone (its socket
-              closed, its process exited) gets none of this.
-  ended       the native session is freed: its store memory is returned.
+              cancelled, requests the agent never began are cancelled, every
+              page is given back to the target writable and the ranges
+              unregistered, then ACK(STOP) or ERR is sent.  A target that is
+              gone (its socket closed, its process exited) gets none of this;
+              a target whose agent began a request and never finished it is
+              left to serve itself from its store (the connection is just
+              closed, as if the daemon had died).
+  ended       the native session is freed: its store memory is returned
+              (unless the target still holds the store).
 
-A protocol error ends this session only; the daemon goes on.
+The session belongs to the connecting process itself (`Peer`: a pidfd), and
+what one user may open is bounded (`UserLimits`).  A protocol error ends
+this session only; the daemon goes on.
 """
 from __future__ import annotations
 
 import array
+import enum
 import errno
 import logging
 import os
 import socket
-import struct
 import time
 
 import trio
 
 from . import protocol, report
+from .agent import AgentChannel
 from .config import SessionConfig
-from .core import HIST_BUCKETS, NativeSession
+from .core import HIST_BUCKETS, PAGE_SIZE, NativeSession
 from .events import EventCounts, first_of
-from .pager import NoFree, Pager
+from .pager import Pager
+from .peer import Peer, PeerGone
 from .policy import Policy
 
 log = logging.getLogger("memfs.session")
 summary_log = logging.getLogger("memfs.summary")
 
 HANDSHAKE_SECONDS = 30
-PREFETCH_QUEUE = 256
+PREFETCH_QUEUE = 16
 UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1 << 0
 USER_ADDR_LIMIT = 1 << 47
-SESSION_EVENTS = ("compress", "evict", "prefetch", "recompress", "prefetch_dropped", "restore_fail", "degraded", "ended")
+SESSION_EVENTS = ("compress", "evict", "prefetch", "recompress", "prefetch_dropped", "restore_fail", "degraded",
+                  "ended")
+MAX_FD_PER_RECV = 4  # the most descriptors a message carries is 2 (RESUME)
 
 
-SAMPLE_ANSWER_SECONDS = 5
+class State(str, enum.Enum):
+    CONNECTING = "connecting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    ENDED = "ended"
+
+    def __str__(self) -> str:
+        return self.value
 
 
-class AgentSource:
-    """The agent thread inside the target frees pages (EVICT / EVICT_DONE) and
-    parks pages for the access sampler (SAMPLE / SAMPLE_DONE)."""
-
-    mode = "full"
-    can_free = True
-
-    def __init__(self, session: "Session"):
-        self._session = session
-        self._samples: dict[int, tuple[list, trio.Event]] = {}
-        self._next_sample = 1
-
-    async def request_free(self, request_id, addr_runs):
-        await self._session.send(protocol.encode_evict(self._session.next_seq(), request_id, addr_runs))
-
-    async def sample(self, moves: list[tuple[int, int]], zap: bool) -> None:
-        """Have the agent make these moves; the answer is committed whenever it comes."""
-        rid = self._next_sample
-        self._next_sample += 1
-        done = trio.Event()
-        self._samples[rid] = (moves, done)
-        await self._session.send(protocol.encode_sample(self._session.next_seq(), rid, moves, zap))
-        with trio.move_on_after(SAMPLE_ANSWER_SECONDS):
-            await done.wait()
-
-    def sample_done(self, request_id: int, moved: bytes) -> None:
-        entry = self._samples.pop(request_id, None)
-        if entry is None:
-            raise protocol.ProtocolError(errno.EINVAL, f"SAMPLE_DONE for unknown request {request_id}")
-        moves, done = entry
-        if len(moved) != (len(moves) + 7) // 8:
-            raise protocol.ProtocolError(errno.EINVAL, "SAMPLE_DONE answers another number of moves")
-        self._session.native.sample_commit(moves, moved)
-        done.set()
-
-    async def settle_samples(self) -> None:
-        """Wait for answers to sampling requests still in flight (a while at most)."""
-        with trio.move_on_after(SAMPLE_ANSWER_SECONDS):
-            while self._samples:
-                await next(iter(self._samples.values()))[1].wait()
-
-
-def read_proc(pid: int, name: str) -> str:
-    try:
-        with open(f"/proc/{pid}/{name}", "rb") as f:
-            data = f.read(4096)
-    except OSError:
-        return ""
-    return data.replace(b"\0", b" ").decode(errors="replace").strip()
-
-
-def check_ranges(pid: int, ranges: list[protocol.Range]) -> None:
-    """Ranges must be page aligned, disjoint and private anonymous memory of `pid`."""
+def check_ranges(peer: Peer, ranges: list[protocol.Range]) -> None:
+    """Ranges must be page aligned, disjoint and private anonymous memory of the peer."""
     known = protocol.RANGE_ANON_PRIVATE | protocol.RANGE_WRITABLE | protocol.RANGE_STAGING
     for r in ranges:
         if not r.length or r.addr % protocol.PAGE_SIZE or r.length % protocol.PAGE_SIZE:
@@ -114,15 +84,14 @@ def check_ranges(pid: int, ranges: list[protocol.Range]) -> None:
             raise protocol.ProtocolError(errno.EEXIST, f"ranges {a.index} and {b.index} overlap")
     maps = []
     try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                parts = line.split(None, 5)
-                lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                path = parts[5].strip() if len(parts) > 5 else ""
-                anon = parts[1][3] == "p" and parts[4] == "0" and (not path or path.startswith("["))
-                maps.append((lo, hi, anon))
+        for line in peer.lines("maps"):
+            parts = line.split(None, 5)
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            path = parts[5].strip() if len(parts) > 5 else ""
+            anon = parts[1][3] == "p" and parts[4] == "0" and (not path or path.startswith("["))
+            maps.append((lo, hi, anon))
     except OSError as e:
-        raise protocol.ProtocolError(errno.ESRCH, f"reading /proc/{pid}/maps: {e.strerror}")
+        raise protocol.ProtocolError(errno.ESRCH, f"reading the target's maps: {e.strerror}")
     for r in ranges:
         want, end = r.addr, r.addr + r.length
         for lo, hi, anon in maps:
@@ -144,18 +113,28 @@ def is_userfaultfd(fd: int) -> bool:
         return False
 
 
+def _close(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 class Session:
     def __init__(self, daemon, sock: trio.socket.SocketType):
         self.daemon = daemon
         self.sock = sock
         self.id = 0
+        self.peer: Peer | None = None
         self.pid = self.uid = self.gid = -1
         self.comm = self.cmdline = ""
-        self.state = "connecting"
-        self.mode = ""
+        self.state = State.CONNECTING
         self.caps = 0
-        self.ranges: list[protocol.Range] = []
+        self.registered = 0  # bytes counted against the user's limit
+        self.resumed = {"takeovers": 0, "agent_faults": 0, "resumes": 0}  # what a resumed target reported
         self.native: NativeSession | None = None
+        self.agent: AgentChannel | None = None
         self.pager: Pager | None = None
         self.access = None  # its AccessSource, once running
         self.policy: Policy | None = None
@@ -180,20 +159,32 @@ class Session:
     def __repr__(self):
         return f"session {self.id} (pid {self.pid} {self.comm})"
 
+    @property
+    def mode(self) -> str:
+        return self.pager.mode if self.pager is not None else ""
+
+    @property
+    def live(self) -> bool:
+        """Running or stopping: its pages and files can still be looked at."""
+        return self.state in (State.RUNNING, State.STOPPING)
+
     # -- transport -----------------------------------------------------------
     def next_seq(self) -> int:
         self._seq += 1
         return self._seq
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
         async with self._send_lock:
             view = memoryview(data)
+            if fds:
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                view = view[await self.sock.sendmsg([view], anc):]
             while view:
                 view = view[await self.sock.send(view):]
 
     async def _recv(self) -> bool:
         """Read what is available into the frame reader; False at end of stream."""
-        data, anc, flags, _ = await self.sock.recvmsg(65536, socket.CMSG_SPACE(4 * struct.calcsize("i")))
+        data, anc, flags, _ = await self.sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FD_PER_RECV * 4))
         fds = []
         for level, ctype, cdata in anc:
             if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
@@ -210,6 +201,7 @@ class Session:
         while True:
             fr = self._reader.next_frame()
             if fr is not None:
+                await self.daemon.limits.pace(self.uid)
                 return fr
             if not await self._recv():
                 if self._reader.pending():
@@ -227,72 +219,94 @@ class Session:
 
     async def run(self) -> None:
         try:
-            creds = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            self.pid, self.uid, self.gid = struct.unpack("3i", creds)
-            self.comm = read_proc(self.pid, "comm")
-            self.cmdline = read_proc(self.pid, "cmdline")
+            if await self._handshake():
+                await self._running()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._finish()
+
+    async def _handshake(self) -> bool:
+        """Up to a running session (True), or its refusal."""
+        try:
+            try:
+                self.peer = Peer.of(self.sock)
+            except PeerGone as e:
+                raise protocol.ProtocolError(errno.EPERM, f"the connecting process has exited ({e.strerror})")
+            self.pid, self.uid, self.gid = self.peer.pid, self.peer.uid, self.peer.gid
             try:
                 with trio.fail_after(HANDSHAKE_SECONDS):
-                    started = await self._connect()
+                    return await self._connect()
             except trio.TooSlowError:
                 raise protocol.ProtocolError(errno.ETIMEDOUT, f"no START within {HANDSHAKE_SECONDS} s")
-            if not started:
-                return
         except protocol.ProtocolError as e:
             log.info("pid %s: refused: %s (%s)", self.pid, e.text, errno.errorcode.get(e.err, e.err))
             self.daemon.events.bump("sessions_refused")
             await self._try_send(protocol.encode_err(self.next_seq(), e.err, e.text, e.seq))
-            return
         except (OSError, trio.BrokenResourceError) as e:
             log.info("pid %s: connection lost during handshake: %s", self.pid, e)
-            return
-        finally:
-            self._reader.close_fds()
-        try:
-            await self._running()
-        finally:
-            await self._finish()
+        return False
 
     async def _connect(self) -> bool:
-        hello, ranges = None, []
+        """The handshake; True once the session runs."""
+        hello, ranges, forget = None, [], []
         while (fr := await self._next_frame()) is not None:
             if hello is None:
                 if fr.type != protocol.HELLO:
-                    self._close_frame_fd(fr)
                     raise protocol.ProtocolError(errno.EPROTO, f"expected HELLO, got {protocol.NAMES.get(fr.type)}", fr.seq)
                 hello = fr.body
-                if hello.pid != self.pid:
-                    raise protocol.ProtocolError(errno.EPERM, f"HELLO pid {hello.pid} is not the peer's pid {self.pid}", fr.seq)
+                # the connecting process itself, alive: nothing about another pid is read or told
+                if hello.pid != self.pid or not self.peer.alive():
+                    raise protocol.ProtocolError(errno.EPERM, "HELLO must name the connecting process, alive",
+                                                 fr.seq)
+                self.comm = self.peer.text("comm")
+                self.cmdline = self.peer.text("cmdline")
             elif len(ranges) < hello.nranges:
                 if fr.type != protocol.RANGE:
-                    self._close_frame_fd(fr)
                     raise protocol.ProtocolError(errno.EPROTO, f"expected RANGE {len(ranges)} of {hello.nranges}, got {protocol.NAMES.get(fr.type)}", fr.seq)
-                if fr.body.index != len(ranges):
-                    raise protocol.ProtocolError(errno.EINVAL, f"RANGE index {fr.body.index}, expected {len(ranges)}", fr.seq)
+                if not fr.body.flags & protocol.RANGE_STAGING and (
+                        fr.body.index >= protocol.STORE_MAX_RANGES
+                        or any(r.index == fr.body.index and not r.flags & protocol.RANGE_STAGING for r in ranges)):
+                    raise protocol.ProtocolError(errno.EINVAL, f"RANGE index {fr.body.index}: repeated or "
+                                                 f"not below {protocol.STORE_MAX_RANGES}", fr.seq)
                 ranges.append(fr.body)
-            else:
-                if fr.type != protocol.START:
-                    raise protocol.ProtocolError(errno.EPROTO, f"expected START, got {protocol.NAMES.get(fr.type)}", fr.seq)
+            elif fr.type == protocol.FORGET:
+                forget += fr.body
+                if len(forget) > protocol.MAX_FORGET_RUNS:
+                    raise protocol.ProtocolError(errno.EINVAL, f"more than {protocol.MAX_FORGET_RUNS} FORGET runs", fr.seq)
+            elif fr.type == protocol.START and not forget:
                 fd = fr.body.fd
                 try:
+                    self._check_indexes(ranges, hello, sequential=True, seq=fr.seq)
                     await self._start(hello, ranges, fr.body.uffd_features, fd, fr.seq)
                 except BaseException:
                     if self.native is None:
-                        os.close(fd)
+                        _close(fd)
                     raise
                 return True
+            elif fr.type == protocol.RESUME:
+                try:
+                    self._check_indexes(ranges, hello, sequential=False, seq=fr.seq)
+                    return await self._resume(hello, ranges, forget, fr.body, fr.seq)
+                finally:
+                    _close(fr.body.store)
+                    if self.native is None:
+                        _close(fr.body.uffd)
+            else:
+                raise protocol.ProtocolError(errno.EPROTO, f"expected START or RESUME, got {protocol.NAMES.get(fr.type)}", fr.seq)
         return False
 
     @staticmethod
-    def _close_frame_fd(fr) -> None:
-        if fr.type == protocol.START:
-            os.close(fr.body.fd)
+    def _check_indexes(ranges, hello, sequential: bool, seq: int) -> None:
+        """START numbers ranges 0, 1, 2 ...; RESUME gives each its number in the old store."""
+        data = ranges[:-1] if hello.caps & protocol.CAP_STAGING else ranges
+        seen = set()
+        for i, r in enumerate(data):
+            if (sequential and r.index != i) or r.index in seen or r.index >= protocol.STORE_MAX_RANGES:
+                raise protocol.ProtocolError(errno.EINVAL, f"RANGE index {r.index}"
+                                             + (f", expected {i}" if sequential else ": repeated or too large"), seq)
+            seen.add(r.index)
 
-    async def _start(self, hello, ranges, features, fd, seq) -> None:
-        if not is_userfaultfd(fd):
-            raise protocol.ProtocolError(errno.EBADF, "the fd passed with START is not a userfaultfd", seq)
-        if not features & UFFD_FEATURE_PAGEFAULT_FLAG_WP:
-            raise protocol.ProtocolError(errno.EOPNOTSUPP, "userfaultfd without write-protect support", seq)
+    def _split_staging(self, hello, ranges, seq):
         staging = None
         if hello.caps & protocol.CAP_STAGING:
             staging = ranges[-1]
@@ -303,29 +317,92 @@ class Session:
                                              f"{protocol.STAGING_MAX_PAGES} pages", seq)
         if any(r.flags & protocol.RANGE_STAGING for r in ranges):
             raise protocol.ProtocolError(errno.EINVAL, "only the last RANGE may be a staging area (CAP_STAGING)", seq)
-        check_ranges(self.pid, ranges + ([staging] if staging else []))
-        self.caps = hello.caps
-        self.ranges = ranges
-        native = NativeSession(fd, self.pid, [(r.addr, r.length) for r in ranges])
-        self.native = native
+        return ranges, staging
+
+    async def _new_native(self, hello, ranges, staging, features, uffd, seq) -> NativeSession:
+        """Checks common to START and RESUME, the user's limits, then the native session (owning uffd)."""
+        if not is_userfaultfd(uffd):
+            raise protocol.ProtocolError(errno.EBADF, "the descriptor passed is not a userfaultfd", seq)
+        if not features & UFFD_FEATURE_PAGEFAULT_FLAG_WP:
+            raise protocol.ProtocolError(errno.EOPNOTSUPP, "userfaultfd without write-protect support", seq)
+        check_ranges(self.peer, ranges + ([staging] if staging else []))
+        registered = sum(r.length for r in ranges)
         try:
+            self.daemon.limits.start_session(self.uid, registered)
+        except OSError as e:
+            raise protocol.ProtocolError(e.errno, e.strerror, seq)
+        self.registered = registered
+        self.caps = hello.caps
+        self.id = self.daemon.new_session_id()
+        try:
+            native = NativeSession(uffd, self.pid, self.peer.pidfd, self.id)
+        except OSError as e:
+            raise protocol.ProtocolError(e.errno or errno.EIO, e.strerror or str(e), seq)
+        self.native = native
+        return native
+
+    async def _start(self, hello, ranges, features, fd, seq) -> None:
+        ranges, staging = self._split_staging(hello, ranges, seq)
+        native = await self._new_native(hello, ranges, staging, features, fd, seq)
+        try:
+            for r in ranges:
+                await trio.to_thread.run_sync(native.add_range, r.addr, r.length, r.flags, r.index)
             if staging is not None:
                 native.set_staging(staging.addr, staging.length // protocol.PAGE_SIZE)
-            await trio.to_thread.run_sync(native.register)
             native.start()
         except OSError as e:
             native.unregister()
             raise protocol.ProtocolError(e.errno or errno.EIO, e.strerror or str(e), seq)
-        source = AgentSource(self) if hello.caps & protocol.CAP_AGENT else NoFree()
-        self.mode = source.mode
-        self.pager = Pager(native, source, self.daemon.limiter, on_done=self._op_done)
-        self.id = self.daemon.add_session(self)
-        self.access = self.daemon.access.source_for(self)
-        self.policy = Policy(self)
-        self.state = "running"
-        await self.send(protocol.encode_ack(self.next_seq(), protocol.START, seq, self.id))
+        self._begin_running()
+        await self._ack_with_store(protocol.START, seq)
         log.info("%s started: %d range(s), %d pages, mode %s", self, len(ranges),
                  sum(r.length for r in ranges) // protocol.PAGE_SIZE, self.mode)
+
+    async def _resume(self, hello, ranges, forget, body: protocol.Resume, seq) -> bool:
+        ranges, staging = self._split_staging(hello, ranges, seq)
+        native = await self._new_native(hello, ranges, staging, body.uffd_features, body.uffd, seq)
+        try:
+            await trio.to_thread.run_sync(native.import_store, body.store,
+                                          [(r.index, r.flags, r.addr, r.length // PAGE_SIZE) for r in ranges],
+                                          forget)
+            if staging is not None:
+                native.set_staging(staging.addr, staging.length // protocol.PAGE_SIZE)
+        except OSError as e:
+            # nothing served nor unregistered: the target goes on serving itself
+            raise protocol.ProtocolError(e.errno or errno.EIO, e.strerror or str(e), seq)
+        self.resumed = {"takeovers": body.takeovers, "agent_faults": body.agent_faults,
+                        "resumes": body.resumes + 1}
+        await self._ack_with_store(protocol.RESUME, seq)
+        fr = await self._next_frame()
+        if fr is None:
+            log.info("pid %s: left before ADOPT: it goes on serving itself", self.pid)
+            return False
+        if fr.type != protocol.ADOPT:
+            raise protocol.ProtocolError(errno.EPROTO, f"expected ADOPT, got {protocol.NAMES.get(fr.type)}", fr.seq)
+        native.start()
+        self._begin_running()
+        log.info("%s resumed (old session %d, %d takeover(s), %d fault(s) it served itself): %d range(s)",
+                 self, body.old_session, body.takeovers, body.agent_faults, len(ranges))
+        return True
+
+    async def _ack_with_store(self, acked_type: int, seq: int) -> None:
+        ro, fence = self.native.store_fds()
+        try:
+            await self.send(protocol.encode_ack(self.next_seq(), acked_type, seq, self.id), (ro, fence))
+        finally:
+            _close(ro, fence)
+
+    def _begin_running(self) -> None:
+        native = self.native
+        if self.caps & protocol.CAP_AGENT:
+            self.agent = AgentChannel(native, self.send, self.next_seq)
+        self.pager = Pager(native, self.agent, self.daemon.limiter,
+                           agent_timeout=lambda: self.daemon.config.get("agent_timeout_ms") / 1000,
+                           on_done=self._op_done)
+        self.daemon.add_session(self)
+        self.access = self.daemon.access.source_for(self)
+        self.policy = Policy(self)
+        self.state = State.RUNNING
 
     async def _running(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -336,17 +413,19 @@ class Session:
             background = trio.CancelScope()
             nursery.start_soon(self._background, background)
             await self._end.wait()
-            self.state = "stopping"
+            self.state = State.STOPPING
             kind = self._end_kind
             log.info("%s ending: %s", self, self.end_reason)
             background.cancel()
             try:
-                if kind != "gone" and not self.native.dead:
-                    await self.access.close()  # sampled pages go home before the rest
-                await self.pager.close(restore=kind != "gone" and not self.native.dead)
+                # sampled pages go home before the rest
+                handed_back = await self.pager.close(restore=kind != "gone" and not self.native.dead,
+                                                     before_restore=self.access.close)
             except OSError as e:
                 log.info("%s: giving pages back failed (%s): the target is gone", self, e)
-                kind = "gone"
+                kind, handed_back = "gone", True
+            if not handed_back:
+                kind = "left"  # the target serves itself from its store; nothing is sent
             if kind == "stop":
                 await self._try_send(protocol.encode_ack(self.next_seq(), protocol.STOP, 0))
             elif kind == "error":
@@ -370,15 +449,26 @@ class Session:
                 self.daemon.events.bump("degraded")
 
     async def _finish(self) -> None:
-        if self.native is not None:
+        """Whatever the session got, given back: the native session, the user's share, descriptors."""
+        if self.state == State.ENDED:
+            return
+        running = self.state in (State.RUNNING, State.STOPPING)
+        if self.native is not None and running:
             self.final_counters = self.counters()
-        self.state = "ended"
-        if self.native is not None:
             self.final_hist = self.native.histogram()
+        self.state = State.ENDED
+        self._reader.close_fds()
+        if self.native is not None:
             await trio.to_thread.run_sync(self.native.free)
-        self.events.bump("ended")
-        self.daemon.remove_session(self)
-        self._log_summary()
+        if self.registered or self.native is not None:
+            self.daemon.limits.end_session(self.uid, self.registered)
+            self.registered = 0
+        if running:
+            self.events.bump("ended")
+            self.daemon.remove_session(self)
+            self._log_summary()
+        if self.peer is not None:
+            self.peer.close()
 
     async def _try_send(self, data: bytes) -> None:
         try:
@@ -390,16 +480,15 @@ class Session:
     async def _read_loop(self) -> None:
         try:
             while (fr := await self._next_frame()) is not None:
-                if fr.type == protocol.EVICT_DONE:
-                    self.pager.eviction_done(fr.body.request_id, fr.body.status)
-                elif fr.type == protocol.SAMPLE_DONE and isinstance(self.pager.source, AgentSource):
-                    self.pager.source.sample_done(fr.body.request_id, fr.body.moved)
+                if fr.type == protocol.EVICT_DONE and self.agent is not None:
+                    self.agent.answered("evict", fr.body.request_id, fr.body.status)
+                elif fr.type == protocol.SAMPLE_DONE and self.agent is not None:
+                    self.agent.answered("sample", fr.body.request_id, moved=fr.body.moved)
                 elif fr.type == protocol.PREFETCH:
                     self._queue_prefetch(fr)
                 elif fr.type == protocol.STOP:
                     self.end("stop", reason="target asked to stop")
                 else:
-                    self._close_frame_fd(fr)
                     raise protocol.ProtocolError(errno.EPROTO, f"{protocol.NAMES.get(fr.type)} out of order", fr.seq)
         except protocol.ProtocolError as e:
             log.warning("%s: protocol error: %s", self, e.text)
@@ -433,17 +522,14 @@ class Session:
                 log.info("%s: prefetch hint failed: %s", self, e)
 
     async def _watch_pid(self) -> None:
+        """The target's exit ends the session (its pidfd turns readable)."""
+        fd = os.dup(self.peer.pidfd)
         try:
-            pidfd = os.pidfd_open(self.pid)
-        except OSError:
-            self.end("gone", reason="target exited")
-            return
-        try:
-            await trio.lowlevel.wait_readable(pidfd)
+            await trio.lowlevel.wait_readable(fd)
             self.end("gone", reason="target exited")
         finally:
-            trio.lowlevel.notify_closing(pidfd)
-            os.close(pidfd)
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
 
     def _op_done(self, verb: str) -> None:
         self.events.bump(verb)
@@ -453,7 +539,7 @@ class Session:
         """Return after the fault thread or an operation did something (a fault or a trace
         event).  An event between a caller's last look and this call is not seen: callers
         that must not miss one wait with a timeout and look again."""
-        if self.state == "ended" or self._nursery is None:
+        if self.state == State.ENDED or self._nursery is None:
             return
         self._activity_waiters += 1
         try:
@@ -467,7 +553,7 @@ class Session:
     async def wait_for_change(self, timeout: float) -> None:
         """Until the session faults or runs an operation, one of its settings
         changes, or `timeout` seconds: how idle loops (policy, sampler) wait."""
-        if self.state not in ("running", "stopping"):
+        if not self.live:
             await trio.sleep(timeout)  # no activity to relay: a plain wait, never a busy loop
             return
         with trio.move_on_after(timeout):
@@ -480,7 +566,7 @@ class Session:
         trace event, which would cost every fault a wakeup of this loop."""
         fd = self.native.notify_fd
         try:
-            while self._activity_waiters and self.state in ("running", "stopping"):
+            while self._activity_waiters and self.live:
                 self.native.arm_notify()
                 with trio.move_on_after(10):  # to look at the loop's condition again
                     await trio.lowlevel.wait_readable(fd)
@@ -499,9 +585,10 @@ class Session:
     # -- reporting ---------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
         """Everything counted for this session: the pager's, the access source's, the policy's."""
-        if self.native is None or self.state == "ended":
+        if self.native is None or not self.live:
             return dict(self.final_counters)
         out = self.native.counters()
+        out.update(self.resumed)
         if self.access is not None:
             out.update(self.access.counters())
         if self.policy is not None:
@@ -509,7 +596,7 @@ class Session:
         return out
 
     def histogram(self) -> list[int]:
-        if self.native is not None and self.state != "ended":
+        if self.native is not None and self.live:
             return self.native.histogram()
         return list(self.final_hist)
 

@@ -52,5 +52,5 @@ def build(name: str, header: Path, lib: str, libraries=(), skip=()):
 
 if __name__ == "__main__":
     build("_core", HERE / "core" / "memfs_core.h", "libmemfs_core.a", libraries=["lz4"])
-    build("_client", HERE / "include" / "predicomp_client.h", "libpredicomp_client.a")
+    build("_client", HERE / "include" / "predicomp_client.h", "libpredicomp_client.a", libraries=["lz4"])
     sys.exit(0)

@@ -143,4 +143,5 @@ def damon_untouched():
     before = _damon_snapshot()
     yield
     after = _damon_snapshot()
-    assert after == before, "the test suite changed DAMON's sysfs tree"
+    changed = {k: (before.get(k), after.get(k)) for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    assert not changed, f"the test suite changed DAMON's sysfs tree: {changed}"

@@ -25,7 +25,7 @@ class FsDaemon:
     def __init__(self, tmp: Path, *args: str):
         self.mnt = tmp / "mnt"
         self.sock = str(tmp / "memfs.sock")
-        self.log = tmp / "daemon.log"
+        self.log = tmp / "daemon.log"  # appended to: a daemon started again on the same base adds to it
         # page states change only when a test acts, unless it asks for a sampler
         self.args = args if "--access-source" in args else ("--access-source", "none", *args)
         self.proc: trio.Process | None = None
@@ -33,7 +33,7 @@ class FsDaemon:
 
     async def start(self) -> "FsDaemon":
         env = dict(os.environ, MEMFS_NO_BOOTSTRAP="1")
-        self._logf = open(self.log, "wb")
+        self._logf = open(self.log, "ab")
         self.proc = await trio.lowlevel.open_process(
             [sys.executable, "-m", "memfs", "serve", "--socket", self.sock, "--mount", str(self.mnt),
              "-v", *self.args], env=env, cwd=str(ROOT), stdout=self._logf, stderr=subprocess.STDOUT)
@@ -43,6 +43,15 @@ class FsDaemon:
                     raise RuntimeError(f"daemon exited: {self.log.read_text()}")
                 await trio.sleep(0.05)
         return self
+
+    async def kill(self) -> None:
+        """SIGKILL, as the OOM killer would: no chance to hand anything back."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        if self._logf is not None:
+            self._logf.close()
+            self._logf = None
 
     async def stop(self) -> None:
         if self.proc is not None and self.proc.returncode is None:

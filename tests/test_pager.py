@@ -447,7 +447,7 @@ async def test_target_killed_mid_eviction_leaves_daemon_healthy(daemon, sock_pat
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(evict)
-        await wait_for(lambda: s.pager.evictions_in_flight > 0)
+        await wait_for(lambda: s.agent.in_flight)
         assert core.store_stats()["blobs"] > 0
         os.kill(t.pid, signal.SIGKILL)
     await wait_for(lambda: t.session_id not in daemon.sessions)

@@ -130,19 +130,19 @@ async def test_bad_handshake_gets_err_and_daemon_goes_on(daemon, sock_path, targ
     elif case == "truncated_hello":
         await c.send(protocol.HELLO, hello()[:8])
     elif case == "hello_cut_off":
-        await c.sock.send(protocol.HEADER.pack(protocol.MAGIC, 1, protocol.HELLO, 24, 1) + hello()[:10])
+        await c.sock.send(protocol.HEADER.pack(protocol.MAGIC, protocol.VERSION, protocol.HELLO, 24, 1) + hello()[:10])
         c.sock.shutdown(socket.SHUT_WR)
     elif case == "huge_length":
         await c.send(protocol.HELLO, b"", length=1 << 30)
     elif case == "bad_version":
-        await c.sock.send(protocol.HEADER.pack(protocol.MAGIC, 2, protocol.HELLO, 24, 1) + hello())
+        await c.sock.send(protocol.HEADER.pack(protocol.MAGIC, protocol.VERSION + 1, protocol.HELLO, 24, 1) + hello())
     elif case == "wrong_pid":
         await c.send(protocol.HELLO, hello(pid=1))
     elif case == "range_first":
         await c.send(protocol.RANGE, range_msg(addr_of(region), len(region)))
     elif case == "bad_index":
         await c.send(protocol.HELLO, hello())
-        await c.send(protocol.RANGE, range_msg(addr_of(region), len(region), index=3))
+        await c.send(protocol.RANGE, range_msg(addr_of(region), len(region), index=protocol.STORE_MAX_RANGES))
     await c.expect_err(want)
     assert daemon.events.counts["sessions_refused"] >= 1
     await assert_daemon_serves(daemon, sock_path, targets)

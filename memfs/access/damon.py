@@ -160,7 +160,7 @@ class Damon:
         _write(attrs / "intervals" / "sample_us", self.config.get("sample_ms") * 1000)
         _write(attrs / "intervals" / "aggr_us", self.config.get("damon_read_ms") * 1000)
         _write(attrs / "intervals" / "update_us", UPDATE_US)
-        _write(attrs / "nr_regions" / "min", max(3, session.native.nranges))
+        _write(attrs / "nr_regions" / "min", max(3, len(session.native.ranges())))
         _write(attrs / "nr_regions" / "max", max(10, self.config.get("max_regions")))
         _write(c / "targets" / "nr_targets", 1)
         t = c / "targets" / "0"

@@ -108,7 +108,7 @@ class Sampler(AccessSource):
             finally:
                 self.cpu_ns += time.thread_time_ns() - t0
             if moves or zap:
-                await self.session.pager.source.sample(moves, zap)
+                await self.session.agent.sample(moves, zap)
 
     def _region_of(self, range_index: int, page: int) -> Region | None:
         regs = self.regions.get(range_index)
@@ -216,6 +216,6 @@ class Sampler(AccessSource):
                                         self.parked)))
 
     async def close(self) -> None:
-        """Every sampled page goes home (before the session gives its pages back)."""
-        await self.session.pager.source.settle_samples()
+        """Every sampled page goes home (before the session gives its pages back; the
+        requests to the agent have been settled by then: see Pager.close)."""
         self.session.native.sample_collect(final=True)

@@ -306,7 +306,7 @@ SESSION_KINDS = {
 RANGE_KINDS = {
     "start": _range_line(lambda r: f"0x{r.start:x}"),
     "length": _range_line(lambda r: f"{r.length}"),
-    "flags": Generated(lambda tree, key, h: _flag_names(_session(tree, key, h).ranges[key[2]].flags)),
+    "flags": Generated(lambda tree, key, h: _flag_names(_session(tree, key, h).native.range_info(key[2]).flags)),
     "stat": Generated(lambda tree, key, h: report.flat(report.range_stat(_session(tree, key, h).native.range_info(key[2])))),
     "pages": Pages(),
     "heat": Generated(lambda tree, key, h: "".join(

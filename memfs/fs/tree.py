@@ -89,9 +89,10 @@ class Tree:
 
     def range_info(self, sid: int, n: int):
         s = self.session(sid)
-        if not 0 <= n < s.native.nranges:
+        try:
+            return s.native.range_info(n)
+        except OSError:
             raise enoent()
-        return s.native.range_info(n)
 
     def children(self, key) -> list[tuple[str, tuple]]:
         kind = key[0]
@@ -111,7 +112,7 @@ class Tree:
                     + [("ranges", ("sranges", key[1])), ("config", ("sconfig", key[1]))])
         if kind == "sranges":
             s = self.session(key[1])
-            return [(str(n), ("r", key[1], n)) for n in range(s.native.nranges)]
+            return [(str(n), ("r", key[1], n)) for n in s.native.range_indexes()]
         if kind == "sconfig" and len(key) == 2:
             self.session(key[1])
             return [(n, ("sconfig", key[1], n)) for n, st in SETTINGS.items() if st.per_session]

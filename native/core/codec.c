@@ -13,6 +13,7 @@ struct mc_tunables tun = {
 	.readahead_max_pages = 64,
 	.follow_fault_cpu = 1,
 	.debug_unsafe_evict = 0,
+	.store_cap_bytes = UINT64_MAX,
 };
 
 /* Written by Python between operations; word-sized fields, read racily by design. */

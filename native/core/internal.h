@@ -3,7 +3,9 @@
 #define MEMFS_CORE_INTERNAL_H
 #define _GNU_SOURCE
 #include "memfs_core.h"
+#include "predicomp_store.h"
 
+#include <linux/userfaultfd.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -14,62 +16,82 @@
 #define PAGE_SHIFT 12
 
 /*
- * One page's metadata: 16 bytes, in a flat array per range (mmap'ed, so
- * a range never touched costs nothing).  `copy` holds a store handle, or
- * the fill word of a same-filled page (MC_PF_SAME).  csize == PAGE means
- * the copy is stored raw.  `recompressed`: recompress has dealt with this
- * copy (re-encoded it, or there is nothing to gain: it did not shrink, it is
- * raw, same-filled or lz4hc's), so it is left alone until the page gets a
- * new copy; a bit beside csize, because the flags byte is
- * full and a copy's size never needs more than 13 bits.
+ * One page's metadata: 16 bytes, an entry of the session's index, which
+ * lives in the store file (predicomp_store.h: struct pcs_page).  `copy`
+ * holds a blob handle (its offset in the store / 32), or the fill word of a
+ * same-filled page (MC_PF_SAME).  csize == PAGE means the copy is stored
+ * raw.  `recompressed`: recompress has dealt with this copy (re-encoded it,
+ * or there is nothing to gain: it did not shrink, it is raw, same-filled or
+ * lz4hc's), so it is left alone until the page gets a new copy.  An entry
+ * whose copy changes together with its state is written whole
+ * (page_commit), so that a reader after a crash never sees half of it.
  */
-struct page {
-	uint64_t copy;
-	uint32_t stamp_ms; /* last evidence of use, mc_now_ms() clock (wraps after 49 days) */
-	uint16_t csize : 15;
-	uint16_t recompressed : 1;
-	uint8_t state;
-	uint8_t flags;
-};
-_Static_assert(sizeof(struct page) == 16, "per-page metadata must stay 16 bytes");
+_Static_assert(sizeof(struct pcs_page) == 16, "per-page metadata must stay 16 bytes");
+_Static_assert(MC_UNTOUCHED == PCS_UNTOUCHED && MC_RESIDENT == PCS_RESIDENT && MC_CLEAN == PCS_CLEAN &&
+		       MC_COMPRESSED == PCS_COMPRESSED && MC_ZERO == PCS_ZERO &&
+		       MC_EVICTING == PCS_EVICTING && MC_NSTATES == PCS_NSTATES,
+	       "the store's states are the core's");
+_Static_assert(MC_PF_SAME == PCS_PF_SAME && MC_PF_SAMPLED == PCS_PF_SAMPLED, "the store's flags are the core's");
 
+/*
+ * A registered range.  Its page entries sit in index chunks of the store,
+ * named by its directory (a store chunk too): an index chunk exists only
+ * for 4096-page blocks that ever held a page with a state, so the cost is
+ * the pages the target touched, not the address space it registered.  A
+ * range that goes (the target unmapped it) stays allocated, dead, until the
+ * session ends: operations in flight may still hold it.
+ */
 struct range {
 	uint64_t start;
 	uint64_t npages;
-	uint32_t index; /* registration order */
-	struct page *pages;
+	uint32_t index; /* its entry in the store's range table: ranges/<index> */
+	uint32_t flags;
+	uint32_t born_ms; /* stamp of pages never touched */
+	bool live;
+	uint32_t *dir;         /* in the store */
+	struct pcs_range *pub; /* its entry in the store's range table */
 	uint64_t nstate[MC_NSTATES];
 	uint64_t bytes_compressed;
 };
 
 #define TRACE_CAP 2048u
+#define MAX_RANGES PCS_MAX_RANGES
 
-/* A staging slot: where a sampled page waits, and what to give back to it. */
-struct slot {
-	uint64_t page;
-	uint32_t range;
-	uint32_t old_stamp; /* the page's stamp before sampling (the page's field holds the slot) */
-	uint8_t status;
-	uint8_t reported; /* a USED slot was reported by mc_sample_collect */
+/* Staging slots: predicomp_store.h, struct pcs_slot (they live in the store). */
+enum { SLOT_FREE = PCS_SLOT_FREE, SLOT_PENDING = PCS_SLOT_PENDING, SLOT_OUT = PCS_SLOT_OUT,
+       SLOT_USED = PCS_SLOT_USED, SLOT_DIRTY = PCS_SLOT_DIRTY, SLOT_LOST = PCS_SLOT_LOST };
+
+struct chunk_meta; /* store.c */
+
+/* The session's store: a memfd the daemon maps read-write (store.c). */
+struct store {
+	int fd;       /* read-write, the daemon's */
+	uint8_t *base;
+	uint64_t size;
+	struct pcs_header *hdr;
+	uint64_t nchunks;
+	pthread_mutex_t lock; /* the allocator's; held only to pick or return a slot or chunk */
+	struct chunk_meta *cm;
+	uint32_t *free_chunks;
+	uint64_t nfree_chunks, next_chunk;
+	uint32_t partial[PAGE / 32];
+	struct mc_store_stats st;
+	uint64_t index_chunks;
 };
-/*
- * FREE: empty, reusable.  PENDING: the agent was asked to move the page in.
- * OUT: the page is here.  USED: the page was used and copied back (the
- * slot keeps a stale copy).  DIRTY: copied back unused, stale copy.  The
- * agent zaps the whole staging area before the next moves, which turns
- * USED and DIRTY slots FREE.  LOST: never reused (see sample_forget).
- */
-enum { SLOT_FREE, SLOT_PENDING, SLOT_OUT, SLOT_USED, SLOT_DIRTY, SLOT_LOST };
 
 struct mc_session {
 	int uffd;
 	int pid;
+	int pidfd;     /* the target itself: reads of its memory count only while it lives */
 	int pagemap_fd;
 	int notify_fd; /* eventfd: Python waits on it */
 	int stop_fd;   /* eventfd: tells the fault thread to leave */
+	int fence_fd;  /* the fence page's memfd */
+	struct pcs_fence *fence;
 	atomic_int notify_armed;
 	atomic_int dead; /* the target's mm is gone */
 	atomic_int stopping;
+	uint64_t id;
 
 	/*
 	 * `lock` orders every change of page state together with the uffd
@@ -98,9 +120,13 @@ struct mc_session {
 	 */
 	pthread_rwlock_t events_gate;
 
-	uint32_t nranges;
-	struct range *ranges;   /* registration order */
-	struct range **by_addr; /* sorted by start */
+	struct store st;
+	struct uffd_msg *journal; /* in the store: messages are read here (fault.c) */
+
+	struct range *ranges[MAX_RANGES]; /* by index; NULL: never used */
+	uint32_t nranges;                 /* indexes [0, nranges) may be in use */
+	struct range **by_addr;           /* live ranges, sorted by start */
+	uint32_t nlive;
 
 	pthread_t fault_thread;
 	bool fault_thread_running;
@@ -108,27 +134,42 @@ struct mc_session {
 	struct mc_counters c;
 	uint64_t hist[MC_HIST_BUCKETS];
 
-	/* sequential fault detection for readahead (fault thread only) */
 	/* sampling: staging area in the target, registered like a range */
 	uint64_t staging_start;
 	uint32_t staging_npages;
-	struct slot *slots;
+	struct pcs_slot *slots; /* in the store */
 	uint32_t *free_slots;
 	uint32_t nfree_slots;
 
+	/* sequential fault detection for readahead (fault thread only) */
 	uint64_t last_fault_addr;
 	uint64_t ra_expect; /* first page after the last readahead window */
 	uint32_t ra_window;
+
+	/* the first failure of each uffd ioctl since it was last reported (mc_ioctl_failures) */
+	struct mc_ioctl_failure ioctl_fail[MC_IOCTL_KINDS];
 
 	struct mc_trace_event trace[TRACE_CAP];
 	uint64_t trace_head; /* seq of the next event */
 };
 
 /* store.c */
-uint64_t store_alloc(uint32_t len, void **ptr);
-void store_free(uint64_t handle, uint32_t len);
-void *store_ptr(uint64_t handle);
+int store_init(struct mc_session *s, uint64_t reserve);
+void store_destroy(struct mc_session *s);
+uint64_t store_alloc(struct mc_session *s, uint32_t len, void **ptr);
+void store_free(struct mc_session *s, uint64_t handle, uint32_t len);
 uint32_t store_slot_size(uint32_t len);
+uint32_t store_new_chunk(struct mc_session *s); /* a zeroed chunk (index, directory); 0: none left */
+void store_free_chunk(struct mc_session *s, uint32_t c);
+static inline void *store_ptr(const struct mc_session *s, uint64_t handle)
+{
+	return s->st.base + handle * PCS_BLOB_ALIGN;
+}
+static inline void *chunk_ptr(const struct mc_session *s, uint32_t c)
+{
+	return s->st.base + PCS_CHUNKS_OFF + (uint64_t)c * PCS_CHUNK;
+}
+bool store_handle_ok(const struct mc_session *s, uint64_t handle, uint32_t len);
 
 /* codec.c */
 extern struct mc_tunables tun;
@@ -139,19 +180,38 @@ void fill_page(void *dst, uint64_t word);
 uint64_t now_ns(void);
 uint64_t thread_cpu_ns(void); /* the calling thread's CPU time */
 
-/* session.c */
+/* index.c: ranges and their page entries (caller holds s->lock unless said) */
 struct range *range_of(struct mc_session *s, uint64_t addr);
-void set_state(struct range *r, struct page *p, uint8_t state);
-void drop_copy(struct mc_session *s, struct range *r, struct page *p);
-void set_copy(struct mc_session *s, struct range *r, struct page *p, uint64_t copy,
-	      uint16_t csize, bool same);
-void mark_recompressed(struct mc_session *s, struct page *p); /* the page has a copy */
-int page_bytes(const struct page *p, void *dst);
+struct range *range_get(struct mc_session *s, uint32_t index); /* a live range, or NULL */
+static inline struct pcs_page *page_at(const struct mc_session *s, const struct range *r, uint64_t idx)
+{
+	uint32_t c = r->dir[idx / PCS_ENTRIES_PER_CHUNK];
+	return c ? (struct pcs_page *)chunk_ptr(s, c) + idx % PCS_ENTRIES_PER_CHUNK : NULL;
+}
+struct pcs_page *page_get(struct mc_session *s, struct range *r, uint64_t idx); /* makes its chunk; NULL: no room */
+/* The first page of [first, first + count) at or after `i` whose index chunk exists. */
+uint64_t next_indexed(const struct mc_session *s, const struct range *r, uint64_t i, uint64_t end);
+void page_commit(struct pcs_page *p, const struct pcs_page *v); /* the whole entry, one store */
+int range_add(struct mc_session *s, uint64_t addr, uint64_t npages, uint32_t flags, uint32_t index,
+	      uint32_t born_ms, struct range **out);
+void range_move(struct mc_session *s, struct range *r, uint64_t to);
+void range_retire(struct mc_session *s, struct range *r);
+void sort_ranges(struct mc_session *s);
+
+/* session.c */
+void set_state(struct range *r, struct pcs_page *p, uint8_t state);
+void drop_copy(struct mc_session *s, struct range *r, struct pcs_page *p);
+void set_copy(struct mc_session *s, struct range *r, struct pcs_page *p, uint64_t copy,
+	      uint16_t csize, bool same, uint8_t state);
+void mark_recompressed(struct mc_session *s, struct pcs_page *p); /* the page has a copy */
+int page_bytes(const struct mc_session *s, const struct pcs_page *p, void *dst);
+uint32_t page_stamp(const struct mc_session *s, const struct range *r, const struct pcs_page *p);
 void trace_add(struct mc_session *s, uint16_t kind, uint32_t range, uint64_t page,
 	       uint64_t count, uint64_t latency_ns, uint32_t tid);
 void notify(struct mc_session *s);
 void hist_add(struct mc_session *s, uint64_t ns);
 int uffd_ioctl(struct mc_session *s, unsigned long req, void *arg);
+bool target_alive(struct mc_session *s);
 /*
  * Where uffd_ioctl() notes when this thread issued its first ioctl (the
  * answer) while it serves a fault; NULL otherwise.  A fault's latency ends
@@ -165,6 +225,13 @@ int copy_pages(struct mc_session *s, uint64_t dst, const void *src, uint64_t len
 	       int64_t *done);
 int zero_pages(struct mc_session *s, uint64_t dst, uint64_t len, int64_t *done);
 int pagemap_present(struct mc_session *s, uint64_t addr, uint64_t npages, uint8_t *present);
+/* Runs of pages present (in memory or swap) in [addr, addr + len): pagemap.c */
+struct pm_run {
+	uint64_t start, end;
+	bool written; /* not write-protected (uffd-wp) */
+};
+int pagemap_scan(int pagemap_fd, uint64_t addr, uint64_t len,
+		 int (*fn)(void *ctx, const struct pm_run *run), void *ctx);
 
 /*
  * A run of zero pages at least this long is mapped to the shared zero page
@@ -174,25 +241,36 @@ int pagemap_present(struct mc_session *s, uint64_t addr, uint64_t npages, uint8_
  * clearing and copying a page.
  */
 #define ZERO_RUN_MIN 8
-uint64_t zero_run(const struct range *r, uint64_t first, uint64_t i, uint64_t count);
+uint64_t zero_run(const struct mc_session *s, const struct range *r, uint64_t first, uint64_t i,
+		  uint64_t count);
+static inline uint8_t page_state(const struct pcs_page *p)
+{
+	return p ? p->state : MC_UNTOUCHED;
+}
 
 /* restore.c: used by the fault thread and operations; caller holds s->lock */
 int restore_page(struct mc_session *s, struct range *r, uint64_t idx, bool writable,
 		 uint8_t *scratch);
 uint64_t restore_run(struct mc_session *s, struct range *r, uint64_t first, uint64_t count,
 		     bool final, uint8_t *scratch);
-void copied_in(struct mc_session *s, struct range *r, struct page *p, bool writable);
+void copied_in(struct mc_session *s, struct range *r, struct pcs_page *p, bool writable);
 void release_held(struct mc_session *s, struct range *r, uint64_t idx, uint8_t *scratch);
 void lose_page(struct mc_session *s, struct range *r, uint64_t idx);
 
 /* sample.c (caller holds s->lock) */
-uint32_t page_stamp(const struct mc_session *s, const struct page *p);
 int sample_fault(struct mc_session *s, struct range *r, uint64_t idx, uint8_t *scratch);
-void sample_forget(struct mc_session *s, struct page *p);
+void sample_forget(struct mc_session *s, struct pcs_page *p);
 bool unsample(struct mc_session *s, struct range *r, uint64_t idx, uint8_t *scratch);
 uint64_t sampled_page_addr(struct mc_session *s, struct range *r, uint64_t idx);
 
-/* fault.c */
+/* fault.c, placement.c */
 void *fault_main(void *arg);
+struct fault_ctx;
+struct fault_ctx *placement_new(struct mc_session *s);
+void placement_free(struct fault_ctx *fc);
+void placement_faulted(struct fault_ctx *fc, uint32_t tid);
+void placement_after_drain(struct fault_ctx *fc, bool faulted);
+void placement_before_sleep(struct fault_ctx *fc);
+void placement_unmapped(struct fault_ctx *fc);
 
 #endif

@@ -44,7 +44,6 @@
 
 /* mc_restore flags */
 #define MC_RESTORE_FINAL 0x1 /* leave pages writable and drop the copies (session end) */
-#define MC_RESTORE_VERIFY 0x2 /* consult pagemap for EVICTING pages (the agent is gone) */
 
 /* trace event kinds */
 #define MC_TR_FAULT 1      /* missing fault served from the store */
@@ -125,15 +124,18 @@ struct mc_counters {
 	uint64_t store_bytes_compressed;
 	uint64_t store_bytes_used;
 	uint64_t store_bytes_peak;
+	uint64_t index_bytes; /* the session's index in the store: 64 KiB per 4096-page block it touched */
 };
 
 struct mc_store_stats {
+	uint64_t sessions; /* stores alive */
 	uint64_t blobs;
 	uint64_t bytes_compressed; /* sum of blob lengths */
 	uint64_t bytes_slots;      /* sum of slot sizes holding them */
 	uint64_t bytes_used;       /* memory the store has touched: what it costs */
 	uint64_t bytes_peak;
 	uint64_t chunks;
+	uint64_t index_bytes;
 };
 
 struct mc_tunables {
@@ -146,12 +148,14 @@ struct mc_tunables {
 	uint32_t debug_prefetch_delay_us; /* TESTS ONLY: a prefetch waits this long between
 					   * checking a batch and copying it in */
 	uint32_t follow_fault_cpu;    /* fault thread moves to the CPU of the thread that faults */
-	uint64_t store_cap_bytes; /* the store takes no new blob beyond this (0: no limit) */
+	uint64_t store_cap_bytes; /* the stores take no new blob beyond this (UINT64_MAX: no limit) */
 };
 
 struct mc_range_info {
 	uint64_t start;
 	uint64_t npages;
+	uint32_t flags;
+	uint32_t reserved;
 	uint64_t nstate[MC_NSTATES];
 	uint64_t bytes_compressed;
 };
@@ -204,14 +208,43 @@ void mc_store_get_stats(struct mc_store_stats *out);
 uint64_t mc_now_ms(void);
 
 /* session lifecycle */
-struct mc_session *mc_session_new(int uffd, int pid, uint32_t nranges, const uint64_t *addrs,
-				  const uint64_t *lengths, int *err);
+struct mc_resume_range {
+	uint32_t index; /* the range's number in the old store */
+	uint32_t flags;
+	uint64_t start; /* where it is now */
+	uint64_t npages;
+};
+
+/* uffd ioctl failures, one record per kind (mc_ioctl_failures) */
+#define MC_IOCTL_COPY 0
+#define MC_IOCTL_ZEROPAGE 1
+#define MC_IOCTL_WRITEPROTECT 2
+#define MC_IOCTL_WAKE 3
+#define MC_IOCTL_MOVE 4
+#define MC_IOCTL_POISON 5
+#define MC_IOCTL_REGISTER 6
+#define MC_IOCTL_UNREGISTER 7
+#define MC_IOCTL_KINDS 8
+struct mc_ioctl_failure {
+	uint32_t kind;
+	int32_t err;    /* the last failure's errno */
+	uint64_t count; /* failures since the last report */
+	uint64_t addr;  /* the last failure's address */
+};
+
+struct mc_session *mc_session_new(int uffd, int pid, int pidfd, uint64_t id, uint64_t store_reserve,
+				  int *err);
+int mc_range_add(struct mc_session *s, uint64_t addr, uint64_t length, uint32_t flags, int32_t index,
+		 char *errbuf, size_t errlen);
 int mc_session_set_staging(struct mc_session *s, uint64_t addr, uint64_t npages);
-int mc_session_register(struct mc_session *s, char *errbuf, size_t errlen);
+int mc_session_import(struct mc_session *s, int old_store_fd, const struct mc_resume_range *ranges,
+		      size_t nranges, const struct mc_run *forget, size_t nforget, char *errbuf,
+		      size_t errlen);
 int mc_session_start(struct mc_session *s);
 void mc_session_stop(struct mc_session *s);
 int mc_session_unregister(struct mc_session *s);
 void mc_session_free(struct mc_session *s);
+int mc_session_store_fds(struct mc_session *s, int *store_ro_fd, int *fence_fd);
 int mc_session_notify_fd(struct mc_session *s);
 void mc_session_arm_notify(struct mc_session *s);
 int mc_session_dead(struct mc_session *s);
@@ -220,6 +253,13 @@ void mc_session_hist(struct mc_session *s, uint64_t *out);
 uint32_t mc_session_nranges(struct mc_session *s);
 int mc_range_get(struct mc_session *s, uint32_t range, struct mc_range_info *out);
 int mc_addr_to_page(struct mc_session *s, uint64_t addr, uint32_t *range, uint64_t *page);
+size_t mc_ioctl_failures(struct mc_session *s, struct mc_ioctl_failure *out, size_t cap);
+
+/* fences: an agent request the daemon gave up on is never carried out (predicomp_store.h) */
+void mc_fence_arm(struct mc_session *s, uint64_t request_id);
+int mc_fence_cancel(struct mc_session *s, uint64_t request_id); /* 1: cancelled, 0: the agent began it */
+void mc_fence_clear(struct mc_session *s, uint64_t request_id);
+int mc_fence_busy(struct mc_session *s, uint64_t request_id);   /* its word holds another request */
 
 /* operations: each takes page runs and reports what it did */
 int mc_compress(struct mc_session *s, const struct mc_run *runs, size_t nruns, uint32_t flags,
@@ -242,6 +282,7 @@ int64_t mc_sample_collect(struct mc_session *s, struct mc_sample_result *out, si
 int mc_note_access(struct mc_session *s, const struct mc_run *runs, size_t nruns, uint32_t when_ms);
 
 /* inspection */
+int64_t mc_indexed(struct mc_session *s, int32_t range, struct mc_run *out, size_t cap);
 int64_t mc_select(struct mc_session *s, int32_t range, uint32_t state_mask, uint32_t min_age_ms,
 		  uint32_t skip_flags, uint64_t max_pages, int order, struct mc_run *out, size_t cap,
 		  uint64_t *npages);

@@ -43,18 +43,22 @@ struct batch_args {
 	struct mc_op_result *res;
 };
 
-static int check_run(struct mc_session *s, const struct mc_run *run)
+/* The live range a run names, if the run lies inside it. */
+static struct range *run_range(struct mc_session *s, const struct mc_run *run)
 {
-	if (run->range >= s->nranges || run->first > s->ranges[run->range].npages ||
-	    run->count > s->ranges[run->range].npages - run->first)
-		return -ERANGE;
-	return 0;
+	struct range *r;
+	pthread_mutex_lock(&s->lock);
+	r = range_get(s, run->range);
+	if (r && (run->first > r->npages || run->count > r->npages - run->first))
+		r = NULL;
+	pthread_mutex_unlock(&s->lock);
+	return r;
 }
 
 static int check_runs(struct mc_session *s, const struct mc_run *runs, size_t nruns)
 {
 	for (size_t i = 0; i < nruns; i++)
-		if (check_run(s, &runs[i]))
+		if (!run_range(s, &runs[i]))
 			return -ERANGE;
 	return 0;
 }
@@ -110,8 +114,12 @@ static int compress_batch(struct mc_session *s, struct range *r, uint64_t first,
 
 	pthread_mutex_lock(&s->lock);
 	for (uint64_t i = first; i < first + n; i++) {
-		struct page *p = &r->pages[i];
+		struct pcs_page *p = page_at(s, r, i);
 		res->pages_seen++;
+		if (!p) {
+			res->pages_skipped++; /* untouched */
+			continue;
+		}
 		if (p->flags & MC_PF_SAMPLED)
 			unsample(s, r, i, buf); /* buf is free until the pages are read */
 		if (p->state == MC_CLEAN) {
@@ -149,8 +157,8 @@ static int compress_batch(struct mc_session *s, struct range *r, uint64_t first,
 		want += PAGE;
 	}
 	got = nio ? process_vm_readv(s->pid, local, (unsigned long)nio, remote, (unsigned long)nio, 0) : 0;
-	if (got < 0)
-		got = 0;
+	if (got < 0 || (nio && !target_alive(s)))
+		got = 0; /* read from a process that may not be ours any more: none of it counts */
 
 	/* pages are read front to back: those past `got` were not read */
 	for (int i = 0, seen = 0; i < nc; i++) {
@@ -181,7 +189,7 @@ static int compress_batch(struct mc_session *s, struct range *r, uint64_t first,
 			len = PAGE; /* kept raw, so that evicting it frees it */
 			memcpy(out, src, PAGE);
 		}
-		c[i].copy = store_alloc((uint32_t)len, &slot);
+		c[i].copy = store_alloc(s, (uint32_t)len, &slot);
 		if (!c[i].copy) {
 			c[i].kind = 0;
 			full++;
@@ -193,24 +201,24 @@ static int compress_batch(struct mc_session *s, struct range *r, uint64_t first,
 
 	pthread_mutex_lock(&s->lock);
 	for (int i = 0; i < nc; i++) {
-		struct page *p = &r->pages[c[i].idx];
-		bool current = p->state == MC_RESIDENT && (p->flags & MC_PF_COMPRESSING);
+		struct pcs_page *p = page_at(s, r, c[i].idx);
+		bool current = p && p->state == MC_RESIDENT && (p->flags & MC_PF_COMPRESSING);
 		if (current)
 			p->flags &= (uint8_t)~MC_PF_COMPRESSING;
 		if (!current && c[i].kind) {
 			raced++;
 			if (c[i].kind == 1)
-				store_free(c[i].copy, c[i].csize);
+				store_free(s, c[i].copy, c[i].csize);
 			continue;
 		}
 		if (!current)
 			continue;
 		if (c[i].kind == 1 || c[i].kind == 2) {
-			set_copy(s, r, p, c[i].copy, c[i].csize, c[i].kind == 2);
+			/* the copy and the state clean in one entry: see predicomp_store.h */
+			set_copy(s, r, p, c[i].copy, c[i].csize, c[i].kind == 2, MC_CLEAN);
 			/* nothing recompress could better: a fill word, a raw copy, lz4hc's own */
 			if (c[i].kind == 2 || c[i].csize == PAGE || codec == MC_CODEC_LZ4HC)
 				mark_recompressed(s, p);
-			set_state(r, p, MC_CLEAN);
 			ok++;
 			same += c[i].kind == 2;
 			incompressible += c[i].csize == PAGE;
@@ -228,10 +236,11 @@ static int compress_batch(struct mc_session *s, struct range *r, uint64_t first,
 	{
 		struct cand u[CBATCH];
 		int nu = 0;
-		for (int i = 0; i < nc; i++)
-			if (r->pages[c[i].idx].state == MC_RESIDENT &&
-			    !(r->pages[c[i].idx].flags & MC_PF_COMPRESSING))
+		for (int i = 0; i < nc; i++) {
+			struct pcs_page *p = page_at(s, r, c[i].idx);
+			if (p && p->state == MC_RESIDENT && !(p->flags & MC_PF_COMPRESSING))
 				u[nu++] = c[i];
+		}
 		wp_cands(s, r, u, nu, false);
 	}
 	s->c.compress_attempts += attempts;
@@ -262,10 +271,21 @@ static int each_batch(struct mc_session *s, const struct mc_run *runs, size_t nr
 	args->buf = aligned_alloc(PAGE, pages * PAGE);
 	args->out = malloc(PAGE);
 	for (size_t i = 0; i < nruns && !rc && args->buf && args->out; i++) {
-		struct range *r = &s->ranges[runs[i].range];
-		for (uint64_t pos = 0; pos < runs[i].count && !rc; pos += pages) {
-			uint64_t n = runs[i].count - pos < pages ? runs[i].count - pos : pages;
-			rc = atomic_load(&s->dead) ? -ESRCH : fn(s, r, runs[i].first + pos, n, args);
+		struct range *r = run_range(s, &runs[i]);
+		uint64_t end = runs[i].first + runs[i].count;
+		if (!r)
+			continue; /* gone meanwhile (the target unmapped it) */
+		for (uint64_t at = runs[i].first; at < end && !rc;) {
+			uint64_t n;
+			/* blocks without an index chunk hold only untouched pages: nothing to do there */
+			uint64_t next = next_indexed(s, r, at, end);
+			args->res->pages_seen += next - at;
+			args->res->pages_skipped += next - at;
+			if ((at = next) >= end)
+				break;
+			n = end - at < pages ? end - at : pages;
+			rc = atomic_load(&s->dead) ? -ESRCH : fn(s, r, at, n, args);
+			at += n;
 		}
 	}
 	if (!args->buf || !args->out)
@@ -298,30 +318,30 @@ int64_t mc_evict_prepare(struct mc_session *s, const struct mc_run *runs, size_t
 	pthread_rwlock_wrlock(&s->gate);
 	pthread_mutex_lock(&s->lock);
 	for (size_t i = 0; i < nruns; i++) {
-		struct range *r = &s->ranges[runs[i].range];
-		for (uint64_t j = runs[i].first; j < runs[i].first + runs[i].count; j++) {
-			struct page *p = &r->pages[j];
+		struct range *r = range_get(s, runs[i].range);
+		uint64_t end = runs[i].first + runs[i].count;
+		if (!r || end > r->npages)
+			continue;
+		res->pages_seen += runs[i].count;
+		for (uint64_t j = runs[i].first; (j = next_indexed(s, r, j, end)) < end; j++) {
+			struct pcs_page *p = page_at(s, r, j);
 			uint64_t addr = r->start + (j << PAGE_SHIFT);
-			res->pages_seen++;
 			if (p->flags & MC_PF_SAMPLED)
 				unsample(s, r, j, scratch);
-			if (p->state != MC_CLEAN || (p->flags & MC_PF_SAMPLED)) {
-				res->pages_skipped++;
+			if (p->state != MC_CLEAN || (p->flags & MC_PF_SAMPLED))
 				continue;
-			}
 			if (nout && out[nout - 1].addr + out[nout - 1].length == addr) {
 				out[nout - 1].length += PAGE;
 			} else {
-				if ((size_t)nout == cap) {
-					res->pages_skipped++;
+				if ((size_t)nout == cap)
 					continue;
-				}
 				out[nout++] = (struct mc_addr_run){addr, PAGE};
 			}
 			set_state(r, p, MC_EVICTING);
 			res->pages_done++;
 		}
 	}
+	res->pages_skipped = res->pages_seen - res->pages_done;
 	pthread_mutex_unlock(&s->lock);
 	pthread_rwlock_unlock(&s->gate);
 	free(scratch);
@@ -329,9 +349,9 @@ int64_t mc_evict_prepare(struct mc_session *s, const struct mc_run *runs, size_t
 }
 
 /*
- * The agent answered.  On success every EVICTING page of the request is
- * gone from the target; otherwise pagemap says which are.  Held writes
- * are released either way.
+ * The agent answered, or the request was cancelled before it began.  On
+ * success every EVICTING page of the request is gone from the target;
+ * otherwise pagemap says which are.  Held writes are released either way.
  */
 int mc_evict_complete(struct mc_session *s, const struct mc_addr_run *runs, size_t nruns,
 		      int status, struct mc_op_result *res)
@@ -348,7 +368,7 @@ int mc_evict_complete(struct mc_session *s, const struct mc_addr_run *runs, size
 		struct range *r = range_of(s, runs[i].addr);
 		uint64_t first, n, ok = 0;
 		if (!r || runs[i].addr + runs[i].length > r->start + (r->npages << PAGE_SHIFT)) {
-			rc = -ERANGE;
+			rc = -ERANGE; /* moved or gone meanwhile: its pages were dealt with by the event */
 			continue;
 		}
 		first = (runs[i].addr - r->start) >> PAGE_SHIFT;
@@ -362,10 +382,10 @@ int mc_evict_complete(struct mc_session *s, const struct mc_addr_run *runs, size
 			}
 		}
 		for (uint64_t k = 0; k < n; k++) {
-			struct page *p = &r->pages[first + k];
+			struct pcs_page *p = page_at(s, r, first + k);
 			bool gone = !status || (present && !present[k]);
 			res->pages_seen++;
-			if (p->state != MC_EVICTING) {
+			if (page_state(p) != MC_EVICTING) {
 				res->pages_skipped++; /* restored meanwhile by a fault */
 				continue;
 			}
@@ -392,44 +412,16 @@ int mc_evict_complete(struct mc_session *s, const struct mc_addr_run *runs, size
 }
 
 /*
- * Give EVICTING pages a definite state when the agent will never answer
- * (the session is ending): pagemap tells which ones it dropped.
- */
-static void settle_evicting(struct mc_session *s, struct range *r, uint64_t first, uint64_t n,
-			    uint8_t *scratch)
-{
-	uint8_t present[RBATCH];
-	bool any = false;
-	for (uint64_t k = 0; k < n; k++)
-		any |= r->pages[first + k].state == MC_EVICTING;
-	if (!any)
-		return;
-	if (pagemap_present(s, r->start + (first << PAGE_SHIFT), n, present))
-		memset(present, 1, sizeof present);
-	for (uint64_t k = 0; k < n; k++) {
-		struct page *p = &r->pages[first + k];
-		if (p->state != MC_EVICTING)
-			continue;
-		if (present[k])
-			set_state(r, p, MC_CLEAN);
-		else
-			set_state(r, p, (p->flags & MC_PF_SAME) && !p->copy ? MC_ZERO : MC_COMPRESSED);
-		if (p->flags & MC_PF_HELD)
-			release_held(s, r, first + k, scratch);
-	}
-}
-
-/*
  * The pin protocol, for a blob read without s->lock (prefetch, recompress):
  * set MC_PF_PINNED under the lock first; drop_copy() of a pinned page then
  * unpins it and leaves the blob to the pinner.  Back under the lock, the
  * pinner unpins: true if the page's copy is still the one pinned (`snap`),
  * false if it was dropped meanwhile, and then its blob is freed here.
  */
-static bool unpin_copy(struct page *p, const struct page *snap)
+static bool unpin_copy(struct mc_session *s, struct pcs_page *p, const struct pcs_page *snap)
 {
-	if (!(p->flags & MC_PF_PINNED)) {
-		store_free(snap->copy, snap->csize);
+	if (!p || !(p->flags & MC_PF_PINNED)) {
+		store_free(s, snap->copy, snap->csize);
 		return false;
 	}
 	p->flags &= (uint8_t)~MC_PF_PINNED;
@@ -443,16 +435,16 @@ static void restored_batch(struct mc_session *s, struct range *r, uint64_t first
 	uint64_t restored = 0;
 	uint32_t now = (uint32_t)mc_now_ms();
 	for (uint64_t k = 0; k < n; k++) {
-		struct page *p = &r->pages[first + k];
-		if (final && p->state == MC_CLEAN) {
-			drop_copy(s, r, p);
+		struct pcs_page *p = page_at(s, r, first + k);
+		if (final && page_state(p) == MC_CLEAN) {
 			set_state(r, p, MC_RESIDENT);
+			drop_copy(s, r, p);
 		}
 		if (!was_out[k])
 			continue;
 		if (p->state == MC_CLEAN || p->state == MC_RESIDENT) {
 			restored++;
-			p->stamp_ms = now; /* restored: as good as used */
+			p->stamp = now; /* restored: as good as used */
 			p->flags &= (uint8_t)~MC_PF_PREFETCH_PENDING;
 			if (!final)
 				p->flags |= MC_PF_PREFETCHED;
@@ -482,15 +474,15 @@ static void restored_batch(struct mc_session *s, struct range *r, uint64_t first
 static void prefetch_batch(struct mc_session *s, struct range *r, uint64_t first, uint64_t n,
 			   uint8_t *scratch, struct mc_op_result *res)
 {
-	struct page snap[PBATCH]; /* the pages as checked, decoded without s->lock */
+	struct pcs_page snap[PBATCH]; /* the pages as checked, decoded without s->lock */
 	bool pinned[PBATCH], ready[PBATCH], was_out[PBATCH], copied[PBATCH];
 	uint64_t t0, t1, t2, t3, t4; /* thread CPU: decoding [t0, t1), copying in [t2, t3) and from t4 */
 
 	pthread_mutex_lock(&s->lock);
 	for (uint64_t k = 0; k < n; k++) {
-		struct page *p = &r->pages[first + k];
-		snap[k] = *p;
-		was_out[k] = p->state == MC_COMPRESSED || p->state == MC_ZERO;
+		struct pcs_page *p = page_at(s, r, first + k);
+		snap[k] = p ? *p : (struct pcs_page){0};
+		was_out[k] = snap[k].state == MC_COMPRESSED || snap[k].state == MC_ZERO;
 		pinned[k] = ready[k] = copied[k] = false;
 		res->pages_seen++;
 		if (!was_out[k])
@@ -503,7 +495,7 @@ static void prefetch_batch(struct mc_session *s, struct range *r, uint64_t first
 		}
 	}
 	for (uint64_t k = 0; k < n;) { /* long zero runs: the zero page, not a copy */
-		uint64_t z = zero_run(r, first, k, n);
+		uint64_t z = zero_run(s, r, first, k, n);
 		if (z >= ZERO_RUN_MIN)
 			memset(ready + k, 0, z * sizeof *ready);
 		k += z ? z : 1;
@@ -513,17 +505,17 @@ static void prefetch_batch(struct mc_session *s, struct range *r, uint64_t first
 	t0 = thread_cpu_ns();
 	for (uint64_t k = 0; k < n; k++)
 		if (ready[k])
-			ready[k] = page_bytes(&snap[k], scratch + k * PAGE) == 0;
+			ready[k] = page_bytes(s, &snap[k], scratch + k * PAGE) == 0;
 	t1 = thread_cpu_ns();
 
 	pthread_rwlock_rdlock(&s->events_gate);
 	pthread_mutex_lock(&s->lock);
 	for (uint64_t k = 0; k < n; k++) {
-		struct page *p = &r->pages[first + k];
-		if (pinned[k] && !unpin_copy(p, &snap[k]))
+		struct pcs_page *p = page_at(s, r, first + k);
+		if (pinned[k] && !unpin_copy(s, p, &snap[k]))
 			ready[k] = false;
 		/* only what is still evicted with the same copy goes in */
-		if (ready[k] && (p->state != snap[k].state || p->copy != snap[k].copy))
+		if (ready[k] && (!p || p->state != snap[k].state || p->copy != snap[k].copy))
 			ready[k] = false;
 	}
 	pthread_mutex_unlock(&s->lock);
@@ -550,9 +542,9 @@ static void prefetch_batch(struct mc_session *s, struct range *r, uint64_t first
 	t3 = thread_cpu_ns();
 	pthread_mutex_lock(&s->lock);
 	for (uint64_t k = 0; k < n; k++) {
-		struct page *q = &r->pages[first + k];
+		struct pcs_page *q = page_at(s, r, first + k);
 		/* an operation that restored the page meanwhile found ours there and took it over */
-		if (copied[k] && q->state == snap[k].state && q->copy == snap[k].copy)
+		if (copied[k] && q && q->state == snap[k].state && q->copy == snap[k].copy)
 			copied_in(s, r, q, false);
 	}
 	t4 = thread_cpu_ns();
@@ -589,31 +581,38 @@ int mc_restore(struct mc_session *s, const struct mc_run *runs, size_t nruns, ui
 	if (!scratch)
 		return -ENOMEM;
 	for (size_t i = 0; i < nruns && !rc; i++) {
-		struct range *r = &s->ranges[runs[i].range];
-		for (uint64_t pos = 0; pos < runs[i].count; pos += batch) {
-			uint64_t first = runs[i].first + pos;
-			uint64_t n = runs[i].count - pos < batch ? runs[i].count - pos : batch;
+		struct range *r = run_range(s, &runs[i]);
+		uint64_t end = runs[i].first + runs[i].count;
+		if (!r)
+			continue;
+		for (uint64_t first = runs[i].first; first < end;) {
+			uint64_t next = next_indexed(s, r, first, end), n;
 			bool was_out[RBATCH];
+			res->pages_seen += next - first;
+			res->pages_skipped += next - first;
+			if ((first = next) >= end)
+				break;
+			n = end - first < batch ? end - first : batch;
 			if (atomic_load(&s->dead)) {
 				rc = -ESRCH;
 				break;
 			}
 			if (!final) {
 				prefetch_batch(s, r, first, n, scratch, res);
+				first += n;
 				continue;
 			}
 			/* the end of a session: the target gets every page back writable */
 			pthread_mutex_lock(&s->lock);
-			if (flags & MC_RESTORE_VERIFY)
-				settle_evicting(s, r, first, n, scratch);
 			for (uint64_t k = 0; k < n; k++) {
-				struct page *p = &r->pages[first + k];
-				was_out[k] = p->state == MC_COMPRESSED || p->state == MC_ZERO;
+				uint8_t st = page_state(page_at(s, r, first + k));
+				was_out[k] = st == MC_COMPRESSED || st == MC_ZERO;
 				res->pages_seen++;
 			}
 			restore_run(s, r, first, n, true, scratch);
 			restored_batch(s, r, first, n, was_out, true, res);
 			pthread_mutex_unlock(&s->lock);
+			first += n;
 		}
 	}
 	free(scratch);
@@ -627,9 +626,12 @@ int mc_mark_prefetch(struct mc_session *s, const struct mc_run *runs, size_t nru
 		return rc;
 	pthread_mutex_lock(&s->lock);
 	for (size_t i = 0; i < nruns; i++) {
-		struct range *r = &s->ranges[runs[i].range];
-		for (uint64_t j = runs[i].first; j < runs[i].first + runs[i].count; j++) {
-			struct page *p = &r->pages[j];
+		struct range *r = range_get(s, runs[i].range);
+		uint64_t end = runs[i].first + runs[i].count;
+		if (!r || end > r->npages)
+			continue;
+		for (uint64_t j = runs[i].first; (j = next_indexed(s, r, j, end)) < end; j++) {
+			struct pcs_page *p = page_at(s, r, j);
 			if (p->state == MC_COMPRESSED || p->state == MC_ZERO || p->state == MC_EVICTING) {
 				p->flags |= MC_PF_PREFETCH_PENDING;
 				s->c.prefetch_issued++;
@@ -662,7 +664,7 @@ int mc_mark_prefetch(struct mc_session *s, const struct mc_run *runs, size_t nru
 static int recompress_batch(struct mc_session *s, struct range *r, uint64_t first, uint64_t n,
 			    struct batch_args *a)
 {
-	struct page snap[PBATCH];
+	struct pcs_page snap[PBATCH];
 	uint64_t blob[PBATCH]; /* the new copy's handle, 0: none */
 	uint16_t len[PBATCH];
 	bool pinned[PBATCH];
@@ -670,11 +672,11 @@ static int recompress_batch(struct mc_session *s, struct range *r, uint64_t firs
 
 	pthread_mutex_lock(&s->lock);
 	for (uint64_t k = 0; k < n; k++) {
-		struct page *p = &r->pages[first + k];
-		snap[k] = *p;
+		struct pcs_page *p = page_at(s, r, first + k);
+		snap[k] = p ? *p : (struct pcs_page){0};
 		blob[k] = 0;
 		/* (raw and same-filled copies are marked recompressed when made) */
-		pinned[k] = (p->state == MC_COMPRESSED || p->state == MC_CLEAN) && !p->recompressed &&
+		pinned[k] = p && (p->state == MC_COMPRESSED || p->state == MC_CLEAN) && !p->recompressed &&
 			    !(p->flags & (MC_PF_PINNED | MC_PF_SAMPLED));
 		if (pinned[k])
 			p->flags |= MC_PF_PINNED;
@@ -688,12 +690,12 @@ static int recompress_batch(struct mc_session *s, struct range *r, uint64_t firs
 		if (!pinned[k])
 			continue;
 		attempts++;
-		if (page_bytes(&snap[k], a->buf))
+		if (page_bytes(s, &snap[k], a->buf))
 			continue; /* undecodable: a fault on it says so, not us */
 		l = codec_compress(MC_CODEC_LZ4HC, a->buf, a->out, snap[k].csize - 1);
 		if (l <= 0 || store_slot_size((uint32_t)l) >= store_slot_size(snap[k].csize))
 			continue; /* no smaller in the store */
-		blob[k] = store_alloc((uint32_t)l, &slot);
+		blob[k] = store_alloc(s, (uint32_t)l, &slot);
 		if (!blob[k])
 			continue;
 		memcpy(slot, a->out, (size_t)l);
@@ -702,14 +704,14 @@ static int recompress_batch(struct mc_session *s, struct range *r, uint64_t firs
 
 	pthread_mutex_lock(&s->lock);
 	for (uint64_t k = 0; k < n; k++) {
-		struct page *p = &r->pages[first + k];
+		struct pcs_page *p = page_at(s, r, first + k);
 		if (!pinned[k]) {
 			a->res->pages_skipped++;
 			continue;
 		}
-		if (!unpin_copy(p, &snap[k])) { /* the copy was dropped meanwhile: ours is no use either */
+		if (!unpin_copy(s, p, &snap[k])) { /* the copy was dropped meanwhile: ours is no use either */
 			if (blob[k])
-				store_free(blob[k], len[k]);
+				store_free(s, blob[k], len[k]);
 			a->res->pages_skipped++;
 			continue;
 		}
@@ -718,7 +720,7 @@ static int recompress_batch(struct mc_session *s, struct range *r, uint64_t firs
 			a->res->pages_skipped++;
 			continue;
 		}
-		set_copy(s, r, p, blob[k], len[k], false); /* frees the old blob */
+		set_copy(s, r, p, blob[k], len[k], false, p->state); /* frees the old blob */
 		mark_recompressed(s, p);
 		ok++;
 		a->res->pages_done++;

@@ -32,7 +32,7 @@ static const uint8_t zero_page[PAGE] __attribute__((aligned(PAGE)));
  */
 void lose_page(struct mc_session *s, struct range *r, uint64_t idx)
 {
-	struct page *p = &r->pages[idx];
+	struct pcs_page *p = page_at(s, r, idx);
 	uint64_t addr = r->start + (idx << PAGE_SHIFT);
 	struct uffdio_poison po = {.range = {.start = addr, .len = PAGE}};
 	int64_t done;
@@ -41,14 +41,14 @@ void lose_page(struct mc_session *s, struct range *r, uint64_t idx)
 	trace_add(s, MC_TR_FAIL, r->index, idx, 1, 0, 0);
 	if (uffd_ioctl(s, UFFDIO_POISON, &po))
 		zero_pages(s, addr, PAGE, &done);
-	drop_copy(s, r, p);
 	set_state(r, p, MC_RESIDENT);
+	drop_copy(s, r, p);
 }
 
 int restore_page(struct mc_session *s, struct range *r, uint64_t idx, bool writable,
 		 uint8_t *scratch)
 {
-	struct page *p = &r->pages[idx];
+	struct pcs_page *p = page_at(s, r, idx);
 	uint64_t addr = r->start + (idx << PAGE_SHIFT);
 	const void *src = scratch;
 	int64_t done;
@@ -60,13 +60,13 @@ int restore_page(struct mc_session *s, struct range *r, uint64_t idx, bool writa
 		if (rc)
 			return rc;
 		s->c.zero_fill++;
-		drop_copy(s, r, p); /* the fill word: a mapped zero page takes writes unseen */
 		set_state(r, p, MC_RESIDENT);
+		drop_copy(s, r, p); /* the fill word: a mapped zero page takes writes unseen */
 		return 0;
 	}
 	if (p->copy && !(p->flags & MC_PF_SAME) && p->csize == PAGE)
-		src = store_ptr(p->copy); /* raw: copy straight from the store */
-	else if (page_bytes(p, scratch)) {
+		src = store_ptr(s, p->copy); /* raw: copy straight from the store */
+	else if (page_bytes(s, p, scratch)) {
 		lose_page(s, r, idx);
 		return 0;
 	}
@@ -83,25 +83,26 @@ int restore_page(struct mc_session *s, struct range *r, uint64_t idx, bool writa
  * target's alone (a write fault; the end of a session).  A zero page keeps
  * its fill word (0) as its copy.
  */
-void copied_in(struct mc_session *s, struct range *r, struct page *p, bool writable)
+void copied_in(struct mc_session *s, struct range *r, struct pcs_page *p, bool writable)
 {
 	if (p->state == MC_ZERO)
 		s->c.zero_fill++;
 	else
 		s->c.restore_ok++;
 	if (writable) {
-		drop_copy(s, r, p);
 		set_state(r, p, MC_RESIDENT);
+		drop_copy(s, r, p);
 	} else {
 		set_state(r, p, MC_CLEAN);
 	}
 }
 
 /* How many zero pages start at first+i (before first+count). */
-uint64_t zero_run(const struct range *r, uint64_t first, uint64_t i, uint64_t count)
+uint64_t zero_run(const struct mc_session *s, const struct range *r, uint64_t first, uint64_t i,
+		  uint64_t count)
 {
 	uint64_t j = i;
-	while (j < count && r->pages[first + j].state == MC_ZERO)
+	while (j < count && page_state(page_at(s, r, first + j)) == MC_ZERO)
 		j++;
 	return j - i;
 }
@@ -116,32 +117,33 @@ uint64_t restore_run(struct mc_session *s, struct range *r, uint64_t first, uint
 {
 	uint64_t restored = 0, i = 0;
 	while (i < count) {
-		struct page *p = &r->pages[first + i];
+		struct pcs_page *p = page_at(s, r, first + i);
 		uint64_t j = i, addr = r->start + ((first + i) << PAGE_SHIFT);
-		uint64_t zeros = zero_run(r, first, i, count);
+		uint64_t zeros = zero_run(s, r, first, i, count);
 		int64_t done;
 
 		if (zeros >= ZERO_RUN_MIN) {
 			j = i + zeros;
 			zero_pages(s, addr, (j - i) << PAGE_SHIFT, &done);
 			for (uint64_t k = i; k < i + ((uint64_t)done >> PAGE_SHIFT); k++) {
-				drop_copy(s, r, &r->pages[first + k]);
-				set_state(r, &r->pages[first + k], MC_RESIDENT);
+				struct pcs_page *q = page_at(s, r, first + k);
+				set_state(r, q, MC_RESIDENT);
+				drop_copy(s, r, q);
 			}
 			s->c.zero_fill += (uint64_t)done >> PAGE_SHIFT;
-		} else if (p->state == MC_COMPRESSED || p->state == MC_ZERO) {
+		} else if (page_state(p) == MC_COMPRESSED || page_state(p) == MC_ZERO) {
 			while (j < count) {
-				struct page *q = &r->pages[first + j];
-				if (q->state == MC_ZERO) {
-					uint64_t z = zero_run(r, first, j, count);
+				struct pcs_page *q = page_at(s, r, first + j);
+				if (page_state(q) == MC_ZERO) {
+					uint64_t z = zero_run(s, r, first, j, count);
 					if (z >= ZERO_RUN_MIN)
 						break;
 					memset(scratch + ((j - i) << PAGE_SHIFT), 0, z << PAGE_SHIFT);
 					j += z;
 					continue;
 				}
-				if (q->state != MC_COMPRESSED ||
-				    page_bytes(q, scratch + ((j - i) << PAGE_SHIFT)))
+				if (page_state(q) != MC_COMPRESSED ||
+				    page_bytes(s, q, scratch + ((j - i) << PAGE_SHIFT)))
 					break;
 				j++;
 			}
@@ -152,7 +154,7 @@ uint64_t restore_run(struct mc_session *s, struct range *r, uint64_t first, uint
 			}
 			copy_pages(s, addr, scratch, (j - i) << PAGE_SHIFT, !final, &done);
 			for (uint64_t k = i; k < i + ((uint64_t)done >> PAGE_SHIFT); k++)
-				copied_in(s, r, &r->pages[first + k], final);
+				copied_in(s, r, page_at(s, r, first + k), final);
 		} else {
 			i++;
 			continue;
@@ -178,7 +180,7 @@ uint64_t restore_run(struct mc_session *s, struct range *r, uint64_t first, uint
  */
 void release_held(struct mc_session *s, struct range *r, uint64_t idx, uint8_t *scratch)
 {
-	struct page *p = &r->pages[idx];
+	struct pcs_page *p = page_at(s, r, idx);
 	uint64_t addr = r->start + (idx << PAGE_SHIFT);
 	struct uffdio_range wake = {.start = addr, .len = PAGE};
 	int rc = -EEXIST;
@@ -187,8 +189,8 @@ void release_held(struct mc_session *s, struct range *r, uint64_t idx, uint8_t *
 	if (p->state == MC_COMPRESSED || p->state == MC_ZERO)
 		rc = restore_page(s, r, idx, true, scratch);
 	if (rc == -EEXIST) { /* still in the target: lift the protection (which wakes it) */
-		drop_copy(s, r, p);
 		set_state(r, p, MC_RESIDENT);
+		drop_copy(s, r, p);
 		rc = wp_range(s, addr, PAGE, false);
 	}
 	if (rc)

@@ -16,7 +16,7 @@
  * a clean page would lose its write protection.  A clean page's writes
  * are seen anyway, through write protection.
  *
- * While a page is out, its `stamp_ms` holds the slot number; the slot
+ * While a page is out, its `stamp` holds the slot number; the slot
  * keeps the real stamp (page_stamp()).  Operations put sampled pages back
  * before acting on them.  A slot is read only after pagemap showed it
  * present: reading a missing registered page would wait for a fault that
@@ -30,11 +30,6 @@
 #include <string.h>
 #include <sys/uio.h>
 
-uint32_t page_stamp(const struct mc_session *s, const struct page *p)
-{
-	return p->flags & MC_PF_SAMPLED ? s->slots[p->stamp_ms].old_stamp : p->stamp_ms;
-}
-
 static uint64_t slot_addr(const struct mc_session *s, uint32_t slot)
 {
 	return s->staging_start + ((uint64_t)slot << PAGE_SHIFT);
@@ -43,21 +38,6 @@ static uint64_t slot_addr(const struct mc_session *s, uint32_t slot)
 static uint64_t page_addr(const struct range *r, uint64_t idx)
 {
 	return r->start + (idx << PAGE_SHIFT);
-}
-
-int mc_session_set_staging(struct mc_session *s, uint64_t addr, uint64_t npages)
-{
-	if (!npages || npages > 65536 || addr % PAGE)
-		return -EINVAL;
-	s->slots = calloc(npages, sizeof *s->slots);
-	s->free_slots = malloc(npages * sizeof *s->free_slots);
-	if (!s->slots || !s->free_slots)
-		return -ENOMEM;
-	s->staging_start = addr;
-	s->staging_npages = (uint32_t)npages;
-	for (uint32_t i = 0; i < npages; i++)
-		s->free_slots[s->nfree_slots++] = (uint32_t)(npages - 1 - i);
-	return 0;
 }
 
 /* Copy a page back from its slot into its place (which wakes anyone waiting there). */
@@ -71,29 +51,31 @@ static int copy_back(struct mc_session *s, struct range *r, uint64_t idx, uint32
 
 	if (pagemap_present(s, slot_addr(s, slot), 1, &present) || !present)
 		return -ENOENT;
-	if (process_vm_readv(s->pid, &local, 1, &remote, 1, 0) != PAGE)
+	if (process_vm_readv(s->pid, &local, 1, &remote, 1, 0) != PAGE || !target_alive(s))
 		return -EIO;
 	return copy_pages(s, page_addr(r, idx), scratch, PAGE, false, &done);
 }
 
-static void release_slot(struct mc_session *s, struct page *p, uint8_t status)
+static void release_slot(struct mc_session *s, struct pcs_page *p, uint8_t status)
 {
-	struct slot *sl = &s->slots[p->stamp_ms];
-	p->stamp_ms = sl->old_stamp;
-	p->flags &= (uint8_t)~MC_PF_SAMPLED;
+	struct pcs_slot *sl = &s->slots[p->stamp];
+	struct pcs_page v = *p;
+	v.stamp = sl->old_stamp;
+	v.flags &= (uint8_t)~MC_PF_SAMPLED;
+	page_commit(p, &v); /* never a stamp read as a slot */
 	sl->status = status;
 }
 
 /* A missing fault on a sampled page: it was used.  Bring it back. */
 int sample_fault(struct mc_session *s, struct range *r, uint64_t idx, uint8_t *scratch)
 {
-	struct page *p = &r->pages[idx];
-	struct slot *sl = &s->slots[p->stamp_ms];
+	struct pcs_page *p = page_at(s, r, idx);
+	struct pcs_slot *sl = &s->slots[p->stamp];
 	int rc;
 
 	if (sl->status != SLOT_OUT && sl->status != SLOT_PENDING)
 		return -EEXIST; /* not out: let the thread retry */
-	rc = copy_back(s, r, idx, p->stamp_ms, scratch);
+	rc = copy_back(s, r, idx, p->stamp, scratch);
 	if (rc == -ENOENT) {
 		/* in neither place: the move has not happened (retry), or the data is gone */
 		if (sl->status == SLOT_PENDING)
@@ -106,7 +88,7 @@ int sample_fault(struct mc_session *s, struct range *r, uint64_t idx, uint8_t *s
 	if (rc)
 		return rc;
 	release_slot(s, p, SLOT_USED);
-	p->stamp_ms = (uint32_t)mc_now_ms();
+	p->stamp = (uint32_t)mc_now_ms();
 	if (p->flags & MC_PF_PREFETCHED) {
 		p->flags &= (uint8_t)~MC_PF_PREFETCHED;
 		s->c.prefetch_hits++;
@@ -118,8 +100,8 @@ int sample_fault(struct mc_session *s, struct range *r, uint64_t idx, uint8_t *s
 /* An operation needs a sampled page at home; false if it cannot be had now. */
 bool unsample(struct mc_session *s, struct range *r, uint64_t idx, uint8_t *scratch)
 {
-	struct page *p = &r->pages[idx];
-	if (s->slots[p->stamp_ms].status != SLOT_OUT || copy_back(s, r, idx, p->stamp_ms, scratch))
+	struct pcs_page *p = page_at(s, r, idx);
+	if (s->slots[p->stamp].status != SLOT_OUT || copy_back(s, r, idx, p->stamp, scratch))
 		return false;
 	release_slot(s, p, SLOT_DIRTY);
 	return true;
@@ -128,7 +110,7 @@ bool unsample(struct mc_session *s, struct range *r, uint64_t idx, uint8_t *scra
 /* Where a sampled page is now: its slot, or still its place (the agent has not moved it yet). */
 uint64_t sampled_page_addr(struct mc_session *s, struct range *r, uint64_t idx)
 {
-	uint32_t slot = r->pages[idx].stamp_ms;
+	uint32_t slot = page_at(s, r, idx)->stamp;
 	uint8_t present = 0;
 	if (s->slots[slot].status == SLOT_OUT ||
 	    (!pagemap_present(s, slot_addr(s, slot), 1, &present) && present))
@@ -137,7 +119,7 @@ uint64_t sampled_page_addr(struct mc_session *s, struct range *r, uint64_t idx)
 }
 
 /* The target dropped or unmapped a sampled page itself: its slot is given up. */
-void sample_forget(struct mc_session *s, struct page *p)
+void sample_forget(struct mc_session *s, struct pcs_page *p)
 {
 	release_slot(s, p, SLOT_LOST);
 	s->c.sampler_lost_slots++;
@@ -164,20 +146,25 @@ int64_t mc_sample_prepare(struct mc_session *s, const struct mc_run *pages, size
 		*zap = 1;
 	}
 	for (size_t i = 0; i < n && (size_t)k < cap && s->nfree_slots; i++) {
-		struct range *r;
-		struct page *p;
+		struct range *r = range_get(s, pages[i].range);
+		struct pcs_page *p;
 		uint32_t slot;
-		if (pages[i].range >= s->nranges || pages[i].first >= s->ranges[pages[i].range].npages)
+		if (!r || pages[i].first >= r->npages)
 			continue;
-		r = &s->ranges[pages[i].range];
-		p = &r->pages[pages[i].first];
-		if (p->state != MC_RESIDENT || (p->flags & (MC_PF_COMPRESSING | MC_PF_HELD | MC_PF_SAMPLED)))
+		p = page_at(s, r, pages[i].first);
+		if (!p || p->state != MC_RESIDENT || (p->flags & (MC_PF_COMPRESSING | MC_PF_HELD | MC_PF_SAMPLED)))
 			continue;
 		slot = s->free_slots[--s->nfree_slots];
-		s->slots[slot] = (struct slot){.page = pages[i].first, .range = r->index,
-					       .old_stamp = p->stamp_ms, .status = SLOT_PENDING, .reported = 0};
-		p->stamp_ms = slot;
-		p->flags |= MC_PF_SAMPLED;
+		s->slots[slot] = (struct pcs_slot){.page = pages[i].first, .range = r->index,
+					       .old_stamp = p->stamp, .status = SLOT_PENDING, .reported = 0};
+		/* the slot table first: a reader finds the page through its slot (predicomp_store.h) */
+		atomic_signal_fence(memory_order_seq_cst);
+		{
+			struct pcs_page v = *p;
+			v.stamp = slot;
+			v.flags |= MC_PF_SAMPLED;
+			page_commit(p, &v);
+		}
 		moves[k++] = (struct mc_move){.src = page_addr(r, pages[i].first), .dst = slot_addr(s, slot)};
 	}
 	pthread_mutex_unlock(&s->lock);
@@ -191,14 +178,18 @@ int mc_sample_commit(struct mc_session *s, const struct mc_move *moves, size_t n
 	for (size_t i = 0; i < n; i++) {
 		uint64_t off = moves[i].dst - s->staging_start;
 		uint32_t slot = (uint32_t)(off >> PAGE_SHIFT);
-		struct slot *sl;
-		struct page *p;
+		struct pcs_slot *sl;
+		struct pcs_page *p;
 		if (moves[i].dst < s->staging_start || slot >= s->staging_npages)
 			continue;
 		sl = &s->slots[slot];
 		if (sl->status != SLOT_PENDING)
 			continue; /* used meanwhile (a fault came before the answer) */
-		p = &s->ranges[sl->range].pages[sl->page];
+		if (!range_get(s, sl->range)) {
+			sl->status = SLOT_LOST; /* its range went (sample_forget did the rest) */
+			continue;
+		}
+		p = page_at(s, range_get(s, sl->range), sl->page);
 		if (moved[i / 8] & (1u << (i % 8))) {
 			sl->status = SLOT_OUT;
 			s->c.samples++;
@@ -225,15 +216,19 @@ int64_t mc_sample_collect(struct mc_session *s, struct mc_sample_result *out, si
 		return -ENOMEM;
 	pthread_mutex_lock(&s->lock);
 	for (uint32_t slot = 0; slot < s->staging_npages && (size_t)n < cap; slot++) {
-		struct slot *sl = &s->slots[slot];
-		struct range *r = &s->ranges[sl->range];
+		struct pcs_slot *sl = &s->slots[slot];
+		struct range *r = range_get(s, sl->range);
 		bool used = sl->status == SLOT_USED;
+		if (!r && (sl->status == SLOT_PENDING || sl->status == SLOT_OUT)) {
+			sl->status = SLOT_LOST;
+			continue;
+		}
 		if (final && sl->status == SLOT_PENDING) {
 			uint8_t present = 0;
 			if (!pagemap_present(s, slot_addr(s, slot), 1, &present) && present)
 				sl->status = SLOT_OUT; /* moved, the answer lost: bring it home below */
 			else
-				release_slot(s, &r->pages[sl->page], SLOT_DIRTY); /* never left */
+				release_slot(s, page_at(s, r, sl->page), SLOT_DIRTY); /* never left */
 		}
 		if (sl->status == SLOT_OUT) {
 			if (!unsample(s, r, sl->page, scratch))
@@ -254,14 +249,14 @@ int mc_note_access(struct mc_session *s, const struct mc_run *runs, size_t nruns
 {
 	pthread_mutex_lock(&s->lock);
 	for (size_t i = 0; i < nruns; i++) {
-		struct range *r;
-		if (runs[i].range >= s->nranges)
+		struct range *r = range_get(s, runs[i].range);
+		uint64_t end;
+		if (!r)
 			continue;
-		r = &s->ranges[runs[i].range];
-		for (uint64_t j = runs[i].first; j < runs[i].first + runs[i].count && j < r->npages; j++) {
-			struct page *p = &r->pages[j];
-			uint32_t *stamp = p->flags & MC_PF_SAMPLED ? &s->slots[p->stamp_ms].old_stamp
-								   : &p->stamp_ms;
+		end = runs[i].first + runs[i].count < r->npages ? runs[i].first + runs[i].count : r->npages;
+		for (uint64_t j = runs[i].first; (j = next_indexed(s, r, j, end)) < end; j++) {
+			struct pcs_page *p = page_at(s, r, j);
+			uint32_t *stamp = p->flags & MC_PF_SAMPLED ? &s->slots[p->stamp].old_stamp : &p->stamp;
 			if ((int32_t)(when_ms - *stamp) > 0)
 				*stamp = when_ms;
 			if (p->flags & MC_PF_PREFETCHED) {

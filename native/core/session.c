@@ -1,4 +1,4 @@
-/* session.c - a target's ranges and page tables, their lifecycle and inspection. */
+/* session.c - a target's session: page helpers, uffd ioctls, lifecycle, fences. */
 #include "internal.h"
 
 #include <errno.h>
@@ -11,35 +11,18 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
 /* ---- page helpers (caller holds s->lock) ---------------------------------- */
 
-struct range *range_of(struct mc_session *s, uint64_t addr)
-{
-	uint32_t lo = 0, hi = s->nranges;
-	while (lo < hi) {
-		uint32_t mid = (lo + hi) / 2;
-		struct range *r = s->by_addr[mid];
-		if (addr < r->start)
-			hi = mid;
-		else if (addr >= r->start + (r->npages << PAGE_SHIFT))
-			lo = mid + 1;
-		else
-			return r;
-	}
-	return NULL;
-}
-
-void set_state(struct range *r, struct page *p, uint8_t state)
+void set_state(struct range *r, struct pcs_page *p, uint8_t state)
 {
 	r->nstate[p->state]--;
 	r->nstate[state]++;
 	p->state = state;
 }
 
-static void account_copy(struct mc_session *s, struct range *r, const struct page *p, int sign)
+static void account_copy(struct mc_session *s, struct range *r, const struct pcs_page *p, int sign)
 {
 	uint64_t used = p->flags & MC_PF_SAME ? 0 : store_slot_size(p->csize);
 	if (sign > 0) {
@@ -49,57 +32,79 @@ static void account_copy(struct mc_session *s, struct range *r, const struct pag
 		r->bytes_compressed += p->csize;
 		if (s->c.store_bytes_used > s->c.store_bytes_peak)
 			s->c.store_bytes_peak = s->c.store_bytes_used;
+		if (p->recompressed)
+			s->c.store_pages_recompressed++;
 	} else {
 		s->c.store_pages--;
 		s->c.store_bytes_compressed -= p->csize;
 		s->c.store_bytes_used -= used;
 		r->bytes_compressed -= p->csize;
+		if (p->recompressed)
+			s->c.store_pages_recompressed--;
 	}
 	s->c.store_bytes_logical = s->c.store_pages * PAGE;
 }
 
-static bool has_copy(const struct page *p)
+static bool has_copy(const struct pcs_page *p)
 {
 	return p->copy || (p->flags & MC_PF_SAME);
 }
 
-void drop_copy(struct mc_session *s, struct range *r, struct page *p)
+/* Free what a replaced or dropped entry pointed at, unless a pinner reads it (it frees it then). */
+static void release_blob(struct mc_session *s, struct pcs_page *p, const struct pcs_page *old)
 {
+	if (old->flags & MC_PF_SAME)
+		return;
+	if (old->flags & MC_PF_PINNED)
+		p->flags &= (uint8_t)~MC_PF_PINNED; /* its pinner frees the blob (unpin_copy in ops.c) */
+	else
+		store_free(s, old->copy, old->csize);
+}
+
+/* The page no longer has a copy; its state stays. */
+void drop_copy(struct mc_session *s, struct range *r, struct pcs_page *p)
+{
+	struct pcs_page old = *p, v = *p;
 	if (!has_copy(p))
 		return;
 	account_copy(s, r, p, -1);
-	if (p->flags & MC_PF_PINNED)
-		p->flags &= (uint8_t)~MC_PF_PINNED; /* its pinner frees the blob (unpin_copy in ops.c) */
-	else if (!(p->flags & MC_PF_SAME))
-		store_free(p->copy, p->csize);
-	if (p->recompressed)
-		s->c.store_pages_recompressed--;
-	p->copy = 0;
-	p->csize = 0;
-	p->recompressed = 0;
-	p->flags &= (uint8_t)~MC_PF_SAME;
+	v.copy = 0;
+	v.csize = 0;
+	v.recompressed = 0;
+	v.flags &= (uint8_t)~MC_PF_SAME;
+	page_commit(p, &v); /* the entry first: the blob may be reused once freed */
+	release_blob(s, p, &old);
 }
 
-void mark_recompressed(struct mc_session *s, struct page *p)
+void mark_recompressed(struct mc_session *s, struct pcs_page *p)
 {
 	if (!p->recompressed)
 		s->c.store_pages_recompressed++;
 	p->recompressed = 1;
 }
 
-void set_copy(struct mc_session *s, struct range *r, struct page *p, uint64_t copy,
-	      uint16_t csize, bool same)
+/* The page's copy becomes `copy`, and its state `state`, in one step. */
+void set_copy(struct mc_session *s, struct range *r, struct pcs_page *p, uint64_t copy,
+	      uint16_t csize, bool same, uint8_t state)
 {
-	drop_copy(s, r, p);
-	p->copy = copy;
-	p->csize = csize;
-	if (same)
-		p->flags |= MC_PF_SAME;
+	struct pcs_page old = *p, v = *p;
+	if (has_copy(p))
+		account_copy(s, r, p, -1);
+	v.copy = copy;
+	v.csize = csize;
+	v.recompressed = 0;
+	v.flags = (uint8_t)((v.flags & ~MC_PF_SAME) | (same ? MC_PF_SAME : 0));
+	r->nstate[p->state]--;
+	r->nstate[state]++;
+	v.state = state;
+	page_commit(p, &v);
 	account_copy(s, r, p, +1);
+	if (has_copy(&old))
+		release_blob(s, p, &old);
 }
 
 /* The page's logical contents from its copy. */
-int page_bytes(const struct page *p, void *dst)
+int page_bytes(const struct mc_session *s, const struct pcs_page *p, void *dst)
 {
 	if (p->flags & MC_PF_SAME) {
 		fill_page(dst, p->copy);
@@ -108,10 +113,17 @@ int page_bytes(const struct page *p, void *dst)
 	if (!p->copy)
 		return -1;
 	if (p->csize == PAGE) {
-		memcpy(dst, store_ptr(p->copy), PAGE);
+		memcpy(dst, store_ptr(s, p->copy), PAGE);
 		return 0;
 	}
-	return codec_decompress(store_ptr(p->copy), p->csize, dst);
+	return codec_decompress(store_ptr(s, p->copy), p->csize, dst);
+}
+
+uint32_t page_stamp(const struct mc_session *s, const struct range *r, const struct pcs_page *p)
+{
+	if (!p)
+		return r->born_ms;
+	return p->flags & MC_PF_SAMPLED ? s->slots[p->stamp].old_stamp : p->stamp;
 }
 
 void notify(struct mc_session *s)
@@ -162,6 +174,42 @@ void hist_add(struct mc_session *s, uint64_t ns)
 
 __thread uint64_t *answer_issued_ns;
 
+#ifndef _UFFDIO_POISON
+#define _UFFDIO_POISON (0x08)
+#endif
+#ifndef _UFFDIO_MOVE
+#define _UFFDIO_MOVE (0x05)
+#endif
+
+/* Which ioctl, and the address it was about (the first field of every argument struct). */
+static int ioctl_kind(unsigned long req)
+{
+	switch (_IOC_NR(req)) {
+	case _UFFDIO_COPY: return MC_IOCTL_COPY;
+	case _UFFDIO_ZEROPAGE: return MC_IOCTL_ZEROPAGE;
+	case _UFFDIO_WRITEPROTECT: return MC_IOCTL_WRITEPROTECT;
+	case _UFFDIO_WAKE: return MC_IOCTL_WAKE;
+	case _UFFDIO_MOVE: return MC_IOCTL_MOVE;
+	case _UFFDIO_POISON: return MC_IOCTL_POISON;
+	case _UFFDIO_REGISTER: return MC_IOCTL_REGISTER;
+	case _UFFDIO_UNREGISTER: return MC_IOCTL_UNREGISTER;
+	default: return -1;
+	}
+}
+
+/* Keep the failure for mc_ioctl_failures (the daemon logs it, rate-limited). */
+static void note_failure(struct mc_session *s, unsigned long req, const void *arg, int e)
+{
+	int k = ioctl_kind(req);
+	uint64_t addr;
+	if (k < 0)
+		return;
+	memcpy(&addr, arg, sizeof addr);
+	s->ioctl_fail[k].count++;
+	s->ioctl_fail[k].err = e;
+	s->ioctl_fail[k].addr = addr;
+}
+
 int uffd_ioctl(struct mc_session *s, unsigned long req, void *arg)
 {
 	if (answer_issued_ns && !*answer_issued_ns)
@@ -171,15 +219,24 @@ int uffd_ioctl(struct mc_session *s, unsigned long req, void *arg)
 	int e = errno;
 	if (e == EAGAIN) {
 		s->c.uffd_eagain++;
-	} else {
+	} else if (e == ESRCH || e == ENOENT) {
+		/* the target's mm is gone: nothing left to serve */
+		atomic_store(&s->dead, 1);
+		notify(s);
+	} else if (e != EEXIST) {
+		/* (EEXIST: the page is there already, a race that is answered by a wake-up) */
 		s->c.uffd_ioctl_fail++;
-		if (e == ESRCH || e == ENOENT) {
-			/* the target's mm is gone: nothing left to serve */
-			atomic_store(&s->dead, 1);
-			notify(s);
-		}
+		note_failure(s, req, arg, e);
 	}
 	return -e;
+}
+
+bool target_alive(struct mc_session *s)
+{
+	struct pollfd p = {.fd = s->pidfd, .events = POLLIN};
+	if (s->pidfd < 0)
+		return !atomic_load(&s->dead);
+	return poll(&p, 1, 0) == 0; /* a pidfd is readable once its process has exited */
 }
 
 int wp_range(struct mc_session *s, uint64_t addr, uint64_t len, bool protect)
@@ -210,44 +267,56 @@ int zero_pages(struct mc_session *s, uint64_t dst, uint64_t len, int64_t *done)
 	return rc;
 }
 
-/* present[i] = 1 if the page is in memory or swap (not a hole) */
-int pagemap_present(struct mc_session *s, uint64_t addr, uint64_t npages, uint8_t *present)
+size_t mc_ioctl_failures(struct mc_session *s, struct mc_ioctl_failure *out, size_t cap)
 {
-	uint64_t buf[512];
-	for (uint64_t done = 0; done < npages;) {
-		uint64_t n = npages - done < 512 ? npages - done : 512;
-		ssize_t got = pread(s->pagemap_fd, buf, n * 8, (off_t)(((addr >> PAGE_SHIFT) + done) * 8));
-		if (got < 0)
-			return -errno;
-		if ((uint64_t)got != n * 8)
-			return -EIO;
-		for (uint64_t i = 0; i < n; i++)
-			present[done + i] = (buf[i] >> 62) & 3 ? 1 : 0; /* bit 63 present, 62 swapped */
-		done += n;
+	size_t n = 0;
+	pthread_mutex_lock(&s->lock);
+	for (int k = 0; k < MC_IOCTL_KINDS && n < cap; k++) {
+		if (!s->ioctl_fail[k].count)
+			continue;
+		out[n] = s->ioctl_fail[k];
+		out[n++].kind = (uint32_t)k;
+		s->ioctl_fail[k].count = 0;
 	}
-	return 0;
+	pthread_mutex_unlock(&s->lock);
+	return n;
 }
 
 /* ---- lifecycle --------------------------------------------------------------- */
 
-static int cmp_start(const void *a, const void *b)
+static int new_fence(struct mc_session *s)
 {
-	const struct range *x = *(struct range *const *)a, *y = *(struct range *const *)b;
-	return x->start < y->start ? -1 : x->start > y->start;
+	s->fence_fd = memfd_create("memfs-fence", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	if (s->fence_fd < 0 || ftruncate(s->fence_fd, PCS_FENCE_SIZE))
+		return -errno;
+	s->fence = mmap(NULL, PCS_FENCE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, s->fence_fd, 0);
+	if (s->fence == MAP_FAILED) {
+		s->fence = NULL;
+		return -errno;
+	}
+	/* the target maps it writable too, but can never shrink it under us */
+	if (fcntl(s->fence_fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL))
+		return -errno;
+	s->fence->magic = PCS_FENCE_MAGIC;
+	s->fence->nwords = PCS_FENCE_WORDS;
+	return 0;
 }
 
-struct mc_session *mc_session_new(int uffd, int pid, uint32_t nranges, const uint64_t *addrs,
-				  const uint64_t *lengths, int *err)
+struct mc_session *mc_session_new(int uffd, int pid, int pidfd, uint64_t id, uint64_t store_reserve,
+				  int *err)
 {
 	struct mc_session *s = calloc(1, sizeof *s);
 	char path[64];
+	int rc;
 
 	*err = ENOMEM;
 	if (!s)
 		return NULL;
-	s->uffd = uffd;
+	s->uffd = -1;
 	s->pid = pid;
-	s->pagemap_fd = s->notify_fd = s->stop_fd = -1;
+	s->id = id;
+	s->pidfd = s->pagemap_fd = s->notify_fd = s->stop_fd = s->fence_fd = -1;
+	s->st.fd = -1;
 	pthread_mutex_init(&s->lock, NULL);
 	pthread_rwlock_init(&s->gate, NULL);
 	{
@@ -257,110 +326,157 @@ struct mc_session *mc_session_new(int uffd, int pid, uint32_t nranges, const uin
 		pthread_rwlock_init(&s->events_gate, &a);
 		pthread_rwlockattr_destroy(&a);
 	}
-	s->ranges = calloc(nranges, sizeof *s->ranges);
-	s->by_addr = calloc(nranges, sizeof *s->by_addr);
-	if (!s->ranges || !s->by_addr)
-		goto fail;
-	for (uint32_t i = 0; i < nranges; i++) {
-		struct range *r = &s->ranges[i];
-		r->start = addrs[i];
-		r->npages = lengths[i] >> PAGE_SHIFT;
-		r->index = i;
-		r->pages = mmap(NULL, r->npages * sizeof(struct page), PROT_READ | PROT_WRITE,
-				MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-		if (r->pages == MAP_FAILED) {
-			r->pages = NULL;
-			goto fail;
-		}
-		r->nstate[MC_UNTOUCHED] = r->npages;
-		s->by_addr[i] = r;
-		s->nranges = i + 1;
-	}
-	qsort(s->by_addr, nranges, sizeof *s->by_addr, cmp_start);
+	if (pidfd >= 0 && (s->pidfd = fcntl(pidfd, F_DUPFD_CLOEXEC, 3)) < 0)
+		goto fail_errno;
 	snprintf(path, sizeof path, "/proc/%d/pagemap", pid);
 	s->pagemap_fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (s->pagemap_fd < 0) {
-		*err = errno;
+	if (s->pagemap_fd < 0)
+		goto fail_errno;
+	if (!target_alive(s)) { /* opened after the pid was reused: not our target's */
+		*err = ESRCH;
 		goto fail;
 	}
 	s->notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	s->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-	if (s->notify_fd < 0 || s->stop_fd < 0) {
-		*err = errno;
+	if (s->notify_fd < 0 || s->stop_fd < 0)
+		goto fail_errno;
+	rc = store_init(s, store_reserve);
+	if (!rc)
+		rc = new_fence(s);
+	if (rc) {
+		*err = -rc;
 		goto fail;
 	}
+	s->uffd = uffd; /* ours from here on */
 	*err = 0;
 	return s;
+fail_errno:
+	*err = errno;
 fail:
-	s->uffd = -1; /* the caller still owns it */
 	mc_session_free(s);
 	return NULL;
 }
 
-/*
- * Register every range for missing and write-protect faults, then learn
- * from pagemap which pages the target has populated.  Reading pagemap
- * after registering is what makes it exact: from then on no page appears
- * without a fault that we serve.
- */
-int mc_session_register(struct mc_session *s, char *errbuf, size_t errlen)
+struct scan_ctx {
+	struct mc_session *s;
+	struct range *r;
+	uint32_t now;
+};
+
+/* A run of pages present when the range was registered: resident (the target's, no copy). */
+static int mark_present(void *arg, const struct pm_run *run)
 {
-	const uint64_t need = (1ULL << _UFFDIO_COPY) | (1ULL << _UFFDIO_ZEROPAGE) |
-			      (1ULL << _UFFDIO_WRITEPROTECT) | (1ULL << _UFFDIO_WAKE);
-	uint64_t now = mc_now_ms();
-
-	for (uint32_t i = 0; i < s->nranges; i++) {
-		struct range *r = &s->ranges[i];
-		struct uffdio_register reg = {
-			.range = {.start = r->start, .len = r->npages << PAGE_SHIFT},
-			.mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP};
-		uint8_t *present;
-		int rc;
-
-		if (ioctl(s->uffd, UFFDIO_REGISTER, &reg)) {
-			int e = errno;
-			snprintf(errbuf, errlen, "UFFDIO_REGISTER of range %u (0x%llx+%llu): %s%s", i,
-				 (unsigned long long)r->start,
-				 (unsigned long long)(r->npages << PAGE_SHIFT), strerror(e),
-				 e == EBUSY ? " (already registered with another userfaultfd)" : "");
-			return -e;
-		}
-		if ((reg.ioctls & need) != need) {
-			snprintf(errbuf, errlen, "range %u does not support copy/zeropage/write-protect", i);
-			return -EOPNOTSUPP;
-		}
-		present = malloc(r->npages);
-		if (!present)
-			return -ENOMEM;
-		rc = pagemap_present(s, r->start, r->npages, present);
-		if (rc) {
-			free(present);
-			snprintf(errbuf, errlen, "reading /proc/%d/pagemap: %s", s->pid, strerror(-rc));
-			return rc;
-		}
-		pthread_mutex_lock(&s->lock);
-		for (uint64_t j = 0; j < r->npages; j++) {
-			r->pages[j].stamp_ms = (uint32_t)now;
-			if (present[j])
-				set_state(r, &r->pages[j], MC_RESIDENT);
-		}
-		pthread_mutex_unlock(&s->lock);
-		free(present);
-	}
-	if (s->staging_npages) {
-		/* where the sampler parks pages; moving pages in and out needs UFFDIO_MOVE */
-		struct uffdio_register reg = {
-			.range = {.start = s->staging_start, .len = (uint64_t)s->staging_npages << PAGE_SHIFT},
-			.mode = UFFDIO_REGISTER_MODE_MISSING};
-		if (ioctl(s->uffd, UFFDIO_REGISTER, &reg) || !(reg.ioctls & (1ULL << 0x05))) {
-			free(s->slots);
-			free(s->free_slots);
-			s->slots = NULL;
-			s->free_slots = NULL;
-			s->staging_npages = s->nfree_slots = 0; /* no sampling in this session */
+	struct scan_ctx *c = arg;
+	for (uint64_t a = run->start; a < run->end; a += PAGE) {
+		uint64_t idx = (a - c->r->start) >> PAGE_SHIFT;
+		struct pcs_page *p = page_get(c->s, c->r, idx);
+		if (p && p->state == MC_UNTOUCHED) {
+			set_state(c->r, p, MC_RESIDENT);
+			p->stamp = c->now;
 		}
 	}
 	return 0;
+}
+
+/*
+ * Add a range: known to the session first (so that a fault on it is never
+ * one on an unknown address), then registered for missing and write-protect
+ * faults, then pagemap says which pages the target has populated.  Reading
+ * pagemap after registering, with the session locked (the target's
+ * discards wait for their event to be read), is what makes it exact: from
+ * then on no page appears or goes without a message we read.
+ */
+int mc_range_add(struct mc_session *s, uint64_t addr, uint64_t length, uint32_t flags, int32_t index,
+		 char *errbuf, size_t errlen)
+{
+	const uint64_t need = (1ULL << _UFFDIO_COPY) | (1ULL << _UFFDIO_ZEROPAGE) |
+			      (1ULL << _UFFDIO_WRITEPROTECT) | (1ULL << _UFFDIO_WAKE);
+	struct uffdio_register reg = {.range = {.start = addr, .len = length},
+				      .mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP};
+	struct range *r;
+	uint32_t now = (uint32_t)mc_now_ms();
+	int rc;
+
+	if (!length || addr % PAGE || length % PAGE) {
+		snprintf(errbuf, errlen, "range 0x%llx+%llu is empty or not page aligned",
+			 (unsigned long long)addr, (unsigned long long)length);
+		return -EINVAL;
+	}
+	pthread_mutex_lock(&s->lock);
+	for (uint32_t i = 0; i < s->nlive; i++) {
+		struct range *o = s->by_addr[i];
+		if (addr < o->start + (o->npages << PAGE_SHIFT) && o->start < addr + length) {
+			pthread_mutex_unlock(&s->lock);
+			snprintf(errbuf, errlen, "range 0x%llx+%llu overlaps range %u",
+				 (unsigned long long)addr, (unsigned long long)length, o->index);
+			return -EEXIST;
+		}
+	}
+	if (index < 0) {
+		for (index = 0; index < MAX_RANGES && s->ranges[index] && s->ranges[index]->live; index++)
+			;
+	}
+	if (index >= MAX_RANGES) {
+		pthread_mutex_unlock(&s->lock);
+		snprintf(errbuf, errlen, "no room for another range (at most %d)", MAX_RANGES);
+		return -ENOSPC;
+	}
+	rc = range_add(s, addr, length >> PAGE_SHIFT, flags, (uint32_t)index, now, &r);
+	pthread_mutex_unlock(&s->lock);
+	if (rc) {
+		snprintf(errbuf, errlen, "range %d (0x%llx+%llu): %s", index, (unsigned long long)addr,
+			 (unsigned long long)length,
+			 rc == -EFBIG ? "larger than 256 GiB" : rc == -ENOSPC ? "the store is full" : strerror(-rc));
+		return rc;
+	}
+	rc = ioctl(s->uffd, UFFDIO_REGISTER, &reg) ? -errno : (reg.ioctls & need) != need ? -EOPNOTSUPP : 0;
+	if (rc) {
+		snprintf(errbuf, errlen, "UFFDIO_REGISTER of range %d (0x%llx+%llu): %s%s", index,
+			 (unsigned long long)addr, (unsigned long long)length,
+			 rc == -EOPNOTSUPP ? "no copy/zeropage/write-protect there" : strerror(-rc),
+			 rc == -EBUSY ? " (already registered with another userfaultfd)" : "");
+		pthread_mutex_lock(&s->lock);
+		range_retire(s, r);
+		pthread_mutex_unlock(&s->lock);
+		return rc;
+	}
+	pthread_mutex_lock(&s->lock);
+	{
+		struct scan_ctx c = {.s = s, .r = r, .now = now};
+		rc = pagemap_scan(s->pagemap_fd, addr, length, mark_present, &c);
+	}
+	pthread_mutex_unlock(&s->lock);
+	if (rc) {
+		snprintf(errbuf, errlen, "reading /proc/%d/pagemap: %s", s->pid, strerror(-rc));
+		return rc;
+	}
+	return index;
+}
+
+/* The sampler's staging area (the target's memory where pages are parked); 0 slots: no sampling. */
+int mc_session_set_staging(struct mc_session *s, uint64_t addr, uint64_t npages)
+{
+	struct uffdio_register reg = {.range = {.start = addr, .len = npages << PAGE_SHIFT},
+				      .mode = UFFDIO_REGISTER_MODE_MISSING};
+	if (!npages || npages > PCS_MAX_SLOTS || addr % PAGE)
+		return -EINVAL;
+	s->free_slots = malloc(npages * sizeof *s->free_slots);
+	if (!s->free_slots)
+		return -ENOMEM;
+	/* moving pages in and out needs UFFDIO_MOVE */
+	if (ioctl(s->uffd, UFFDIO_REGISTER, &reg) || !(reg.ioctls & (1ULL << 0x05))) {
+		free(s->free_slots);
+		s->free_slots = NULL;
+		return 0;
+	}
+	s->staging_start = addr;
+	s->staging_npages = (uint32_t)npages;
+	for (uint32_t i = 0; i < npages; i++)
+		s->free_slots[s->nfree_slots++] = (uint32_t)(npages - 1 - i);
+	s->st.hdr->staging_pages = (uint32_t)npages;
+	atomic_signal_fence(memory_order_seq_cst);
+	s->st.hdr->staging_start = addr;
+	return (int)npages;
 }
 
 int mc_session_start(struct mc_session *s)
@@ -389,8 +505,11 @@ int mc_session_unregister(struct mc_session *s)
 {
 	int rc = 0;
 	for (uint32_t i = 0; i < s->nranges; i++) {
-		struct range *r = &s->ranges[i];
-		struct uffdio_range ur = {.start = r->start, .len = r->npages << PAGE_SHIFT};
+		struct range *r = range_get(s, i);
+		struct uffdio_range ur;
+		if (!r)
+			continue;
+		ur = (struct uffdio_range){.start = r->start, .len = r->npages << PAGE_SHIFT};
 		if (ioctl(s->uffd, UFFDIO_UNREGISTER, &ur) && !rc)
 			rc = -errno;
 	}
@@ -407,20 +526,19 @@ void mc_session_free(struct mc_session *s)
 	if (!s)
 		return;
 	mc_session_stop(s);
-	for (uint32_t i = 0; i < s->nranges; i++) {
-		struct range *r = &s->ranges[i];
-		if (!r->pages)
-			continue;
-		for (uint64_t j = 0; j < r->npages; j++)
-			drop_copy(s, r, &r->pages[j]);
-		munmap(r->pages, r->npages * sizeof(struct page));
-	}
-	free(s->ranges);
+	for (uint32_t i = 0; i < MAX_RANGES; i++)
+		free(s->ranges[i]);
 	free(s->by_addr);
-	free(s->slots);
 	free(s->free_slots);
+	store_destroy(s); /* every copy with it (the target may hold the file a while longer) */
+	if (s->fence)
+		munmap(s->fence, PCS_FENCE_SIZE);
+	if (s->fence_fd >= 0)
+		close(s->fence_fd);
 	if (s->uffd >= 0)
 		close(s->uffd);
+	if (s->pidfd >= 0)
+		close(s->pidfd);
 	if (s->pagemap_fd >= 0)
 		close(s->pagemap_fd);
 	if (s->notify_fd >= 0)
@@ -432,6 +550,58 @@ void mc_session_free(struct mc_session *s)
 	pthread_rwlock_destroy(&s->events_gate);
 	free(s);
 }
+
+/* The descriptors the target keeps: the store, opened read-only, and the fence page. */
+int mc_session_store_fds(struct mc_session *s, int *store_ro_fd, int *fence_fd)
+{
+	char path[64];
+	snprintf(path, sizeof path, "/proc/self/fd/%d", s->st.fd);
+	*store_ro_fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (*store_ro_fd < 0)
+		return -errno;
+	*fence_fd = fcntl(s->fence_fd, F_DUPFD_CLOEXEC, 3);
+	if (*fence_fd < 0) {
+		int e = errno;
+		close(*store_ro_fd);
+		return -e;
+	}
+	return 0;
+}
+
+/* ---- fences ------------------------------------------------------------------ */
+
+static _Atomic uint64_t *fence_word(struct mc_session *s, uint64_t rid)
+{
+	return (_Atomic uint64_t *)&s->fence->word[rid % PCS_FENCE_WORDS];
+}
+
+void mc_fence_arm(struct mc_session *s, uint64_t rid)
+{
+	atomic_store(fence_word(s, rid), rid << 2 | PCS_FENCE_PENDING);
+}
+
+int mc_fence_cancel(struct mc_session *s, uint64_t rid)
+{
+	uint64_t want = rid << 2 | PCS_FENCE_PENDING;
+	if (atomic_compare_exchange_strong(fence_word(s, rid), &want, rid << 2 | PCS_FENCE_CANCELLED))
+		return 1;
+	return want != (rid << 2 | PCS_FENCE_STARTED); /* anything else: nothing of it can start */
+}
+
+void mc_fence_clear(struct mc_session *s, uint64_t rid)
+{
+	uint64_t w = atomic_load(fence_word(s, rid));
+	if (w >> 2 == rid)
+		atomic_compare_exchange_strong(fence_word(s, rid), &w, 0);
+}
+
+int mc_fence_busy(struct mc_session *s, uint64_t rid)
+{
+	uint64_t w = atomic_load(fence_word(s, rid));
+	return w && w >> 2 != rid && ((w & 3) == PCS_FENCE_PENDING || (w & 3) == PCS_FENCE_STARTED);
+}
+
+/* ---- queries ------------------------------------------------------------------ */
 
 int mc_session_notify_fd(struct mc_session *s)
 {
@@ -470,16 +640,20 @@ uint32_t mc_session_nranges(struct mc_session *s)
 int mc_range_get(struct mc_session *s, uint32_t range, struct mc_range_info *out)
 {
 	struct range *r;
-	if (range >= s->nranges)
-		return -ERANGE;
-	r = &s->ranges[range];
+	int rc = 0;
 	pthread_mutex_lock(&s->lock);
-	out->start = r->start;
-	out->npages = r->npages;
-	memcpy(out->nstate, r->nstate, sizeof r->nstate);
-	out->bytes_compressed = r->bytes_compressed;
+	r = range_get(s, range);
+	if (r) {
+		out->start = r->start;
+		out->npages = r->npages;
+		out->flags = r->flags;
+		memcpy(out->nstate, r->nstate, sizeof r->nstate);
+		out->bytes_compressed = r->bytes_compressed;
+	} else {
+		rc = -ENOENT;
+	}
 	pthread_mutex_unlock(&s->lock);
-	return 0;
+	return rc;
 }
 
 int mc_addr_to_page(struct mc_session *s, uint64_t addr, uint32_t *range, uint64_t *page)
@@ -493,209 +667,4 @@ int mc_addr_to_page(struct mc_session *s, uint64_t addr, uint32_t *range, uint64
 	}
 	pthread_mutex_unlock(&s->lock);
 	return r ? 0 : -ERANGE;
-}
-
-/* ---- inspection ----------------------------------------------------------- */
-
-static int check_span(struct mc_session *s, uint32_t range, uint64_t first, uint64_t count)
-{
-	if (range >= s->nranges || first > s->ranges[range].npages ||
-	    count > s->ranges[range].npages - first)
-		return -ERANGE;
-	return 0;
-}
-
-int mc_page_info(struct mc_session *s, uint32_t range, uint64_t first, uint64_t count,
-		 struct mc_page_info *out)
-{
-	uint32_t now = (uint32_t)mc_now_ms();
-	int rc = check_span(s, range, first, count);
-	if (rc)
-		return rc;
-	pthread_mutex_lock(&s->lock);
-	for (uint64_t i = 0; i < count; i++) {
-		const struct page *p = &s->ranges[range].pages[first + i];
-		out[i] = (struct mc_page_info){.state = p->flags & MC_PF_SAMPLED ? MC_SAMPLED : p->state,
-					       .flags = p->flags,
-					       .csize = (p->flags & MC_PF_SAME) ? 0 : p->csize,
-					       .age_ms = now - page_stamp(s, p)};
-	}
-	pthread_mutex_unlock(&s->lock);
-	return 0;
-}
-
-/*
- * The logical bytes of pages, whatever their state, without faulting the
- * target: copies come from the store, untouched pages are zeros, and only
- * pages the target holds (resident, clean) are read from it, under the
- * gate that keeps them from being evicted meanwhile.
- */
-int mc_read_data(struct mc_session *s, uint32_t range, uint64_t first, uint64_t count, void *buf)
-{
-	enum { BATCH = 64 };
-	struct iovec local[BATCH], remote[BATCH];
-	int rc = check_span(s, range, first, count);
-	struct range *r;
-
-	if (rc)
-		return rc;
-	r = &s->ranges[range];
-	for (uint64_t pos = 0; pos < count; pos += BATCH) {
-		uint64_t n = count - pos < BATCH ? count - pos : BATCH;
-		int nio = 0;
-		pthread_rwlock_rdlock(&s->gate);
-		pthread_mutex_lock(&s->lock);
-		for (uint64_t i = 0; i < n; i++) {
-			struct page *p = &r->pages[first + pos + i];
-			char *dst = (char *)buf + (pos + i) * PAGE;
-			if (p->state == MC_RESIDENT || p->state == MC_CLEAN) {
-				/* a sampled page waits in its staging slot */
-				uint64_t addr = p->flags & MC_PF_SAMPLED
-						    ? sampled_page_addr(s, r, first + pos + i)
-						    : r->start + ((first + pos + i) << PAGE_SHIFT);
-				if (nio && (char *)local[nio - 1].iov_base + local[nio - 1].iov_len == dst &&
-				    (uint64_t)(uintptr_t)remote[nio - 1].iov_base + remote[nio - 1].iov_len == addr) {
-					local[nio - 1].iov_len += PAGE;
-					remote[nio - 1].iov_len += PAGE;
-				} else {
-					local[nio] = (struct iovec){dst, PAGE};
-					remote[nio] = (struct iovec){(void *)(uintptr_t)addr, PAGE};
-					nio++;
-				}
-			} else if (p->state == MC_UNTOUCHED || p->state == MC_ZERO || page_bytes(p, dst)) {
-				memset(dst, 0, PAGE);
-			}
-		}
-		pthread_mutex_unlock(&s->lock);
-		if (nio) {
-			ssize_t got = process_vm_readv(s->pid, local, (unsigned long)nio, remote,
-						       (unsigned long)nio, 0);
-			if (got < 0)
-				rc = -errno;
-		}
-		pthread_rwlock_unlock(&s->gate);
-		if (rc)
-			return rc;
-	}
-	return 0;
-}
-
-static inline unsigned age_bucket(uint32_t age)
-{
-	return age ? 32u - (unsigned)__builtin_clz(age) : 0u; /* 0..32 */
-}
-
-/* Is the page in one of `state_mask` states, idle at least min_age_ms, without any of `skip_flags`
- * (MC_PF_* and MC_SKIP_RECOMPRESSED)? */
-static bool page_selected(struct mc_session *s, const struct page *p, uint32_t state_mask,
-			  uint32_t min_age_ms, uint32_t skip_flags, uint32_t now, uint32_t *age)
-{
-	*age = now - page_stamp(s, p);
-	return (state_mask >> p->state) & 1 && *age >= min_age_ms && !(p->flags & skip_flags) &&
-	       !((skip_flags & MC_SKIP_RECOMPRESSED) && p->recompressed);
-}
-
-/* The pages page_selected() takes, by age class (caller holds s->lock). */
-static void age_hist(struct mc_session *s, uint32_t lo, uint32_t hi, uint32_t state_mask,
-		     uint32_t min_age_ms, uint32_t skip_flags, uint32_t now, uint64_t *hist)
-{
-	uint32_t age;
-	for (uint32_t ri = lo; ri < hi; ri++)
-		for (uint64_t j = 0; j < s->ranges[ri].npages; j++)
-			if (page_selected(s, &s->ranges[ri].pages[j], state_mask, min_age_ms, skip_flags, now,
-					  &age))
-				hist[age_bucket(age)]++;
-}
-
-int mc_age_hist(struct mc_session *s, int32_t range, uint32_t state_mask, uint32_t min_age_ms,
-		uint32_t skip_flags, uint64_t *out)
-{
-	uint32_t lo = range < 0 ? 0 : (uint32_t)range, hi = range < 0 ? s->nranges : (uint32_t)range + 1;
-	if (range >= 0 && (uint32_t)range >= s->nranges)
-		return -ERANGE;
-	memset(out, 0, MC_AGE_CLASSES * sizeof *out);
-	pthread_mutex_lock(&s->lock);
-	age_hist(s, lo, hi, state_mask, min_age_ms, skip_flags, (uint32_t)mc_now_ms(), out);
-	pthread_mutex_unlock(&s->lock);
-	return 0;
-}
-
-/*
- * Runs of pages in `state_mask` states idle at least min_age_ms, without any
- * of `skip_flags` (as page_selected).  With a max_pages limit, `order` > 0
- * takes the oldest first and < 0 the youngest first (by power-of-two age
- * class; address order within the class that straddles the limit); 0 takes
- * them in address order.
- */
-int64_t mc_select(struct mc_session *s, int32_t range, uint32_t state_mask, uint32_t min_age_ms,
-		  uint32_t skip_flags, uint64_t max_pages, int order, struct mc_run *out, size_t cap,
-		  uint64_t *npages)
-{
-	uint32_t now = (uint32_t)mc_now_ms();
-	uint64_t hist[MC_AGE_CLASSES] = {0}, taken = 0;
-	int cut = -1; /* the age class partly taken; classes beyond it (in `order`) are all taken */
-	uint64_t in_cut_allowed = 0;
-	int64_t nout = 0;
-	uint32_t lo = range < 0 ? 0 : (uint32_t)range, hi = range < 0 ? s->nranges : (uint32_t)range + 1;
-
-	if (range >= 0 && (uint32_t)range >= s->nranges)
-		return -ERANGE;
-	if (!max_pages)
-		max_pages = UINT64_MAX;
-	pthread_mutex_lock(&s->lock);
-	if (order && max_pages != UINT64_MAX) {
-		uint64_t acc = 0;
-		age_hist(s, lo, hi, state_mask, min_age_ms, skip_flags, now, hist); /* what the pass below takes */
-		for (int k = 0; k < MC_AGE_CLASSES && acc < max_pages; k++) {
-			cut = order > 0 ? MC_AGE_CLASSES - 1 - k : k;
-			acc += hist[cut];
-		}
-		in_cut_allowed = cut >= 0 ? hist[cut] - (acc > max_pages ? acc - max_pages : 0) : 0;
-	}
-	for (uint32_t ri = lo; ri < hi && taken < max_pages; ri++) {
-		struct range *r = &s->ranges[ri];
-		for (uint64_t j = 0; j < r->npages && taken < max_pages; j++) {
-			uint32_t age;
-			if (!page_selected(s, &r->pages[j], state_mask, min_age_ms, skip_flags, now, &age))
-				continue;
-			if (cut >= 0) {
-				int b = (int)age_bucket(age);
-				if (order > 0 ? b < cut : b > cut)
-					continue;
-				if (b == cut) {
-					if (!in_cut_allowed)
-						continue;
-					in_cut_allowed--;
-				}
-			}
-			if (nout && out[nout - 1].range == ri && out[nout - 1].first + out[nout - 1].count == j) {
-				out[nout - 1].count++;
-			} else {
-				if ((size_t)nout == cap)
-					goto full;
-				out[nout++] = (struct mc_run){.range = ri, .first = j, .count = 1};
-			}
-			taken++;
-		}
-	}
-full:
-	pthread_mutex_unlock(&s->lock);
-	*npages = taken;
-	return nout;
-}
-
-size_t mc_trace_read(struct mc_session *s, uint64_t *cursor, struct mc_trace_event *out,
-		     size_t cap, uint64_t *missed)
-{
-	size_t n = 0;
-	pthread_mutex_lock(&s->lock);
-	*missed = 0;
-	if (s->trace_head > TRACE_CAP && *cursor < s->trace_head - TRACE_CAP) {
-		*missed = s->trace_head - TRACE_CAP - *cursor;
-		*cursor = s->trace_head - TRACE_CAP;
-	}
-	while (*cursor < s->trace_head && n < cap)
-		out[n++] = s->trace[(*cursor)++ % TRACE_CAP];
-	pthread_mutex_unlock(&s->lock);
-	return n;
 }

@@ -1,34 +1,43 @@
 /*
- * store.c - the compressed store: a size-class slab allocator for blobs.
+ * store.c - a session's store: its compressed copies and its page index,
+ * in a memfd the target can read after the daemon is gone
+ * (predicomp_store.h; docs/design.md, "The store outlives the daemon").
  *
- * Blobs are rounded up to a multiple of 32 bytes (128 classes up to one
- * page) and packed into 64 KiB chunks of one class each; a slot may span
- * the chunk's pages, so the only waste is the rounding and each chunk's
- * tail.  A chunk is handed out front to back, so `bytes_used` counts the
- * pages the store has actually touched; an empty chunk is unmapped at
- * once.  Shared by all sessions (each session accounts for its own
- * blobs); one mutex, held only to pick or return a slot.
+ * The file is sized once, sparse, to what the store could ever hold (RAM
+ * and swap, twice), and mapped whole; it costs only the pages written.
+ * Past a header area it is cut into 64 KiB chunks.  A chunk holds index
+ * entries, a range's directory, or blobs of one size class: blobs are
+ * rounded up to a multiple of 32 bytes (128 classes up to one page) and a
+ * slot may span the chunk's pages, so the only waste is the rounding and
+ * each chunk's tail.  A blob chunk is handed out front to back, so
+ * `bytes_used` counts the pages the store has actually touched; an empty
+ * chunk has its pages punched out of the file at once.  The allocator's
+ * bookkeeping is the daemon's alone (a reader needs none of it).
  *
- * Handle = chunk id << 16 | slot.  Chunk descriptors sit in a two-level
- * table whose blocks are never freed, so store_ptr() needs no lock: a
- * live handle keeps its chunk alive.
+ * The target gets a descriptor opened read-only, and the file's mode
+ * (0400, root's) keeps it from opening one that writes: it may read its
+ * copies, never change what the daemon relies on.
+ *
+ * Handle = the blob's offset in the file / 32 (0: none).
  */
 #include "internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/sysinfo.h>
+#include <unistd.h>
 
-#define SLOT_STEP 32u
+#define SLOT_STEP PCS_BLOB_ALIGN
 #define NCLASSES (PAGE / SLOT_STEP)
-#define CHUNK_BYTES (64u * 1024u)
-#define DIR_BITS 12u
-#define DIR_SIZE (1u << DIR_BITS)
-#define NO_CHUNK 0u
+#define CLASS_INDEX 0xfffeu /* a chunk of page entries or a directory */
+#define FREE_END 0xffffu
 
-struct chunk {
-	uint8_t *base;
+struct chunk_meta {
 	uint32_t prev, next; /* the class's list of chunks with free slots */
 	uint16_t cls;
 	uint16_t nslots;
@@ -38,17 +47,11 @@ struct chunk {
 	uint16_t in_list;
 };
 
-#define FREE_END 0xffffu
-
+/* What all sessions' stores hold together (the top-level stat, store_cap_bytes). */
 static struct {
-	pthread_mutex_t lock;
-	struct chunk *dir[DIR_SIZE];
-	uint32_t next_id;    /* ids handed out so far; id 0 means none */
-	uint32_t *free_ids;  /* recycled ids */
-	uint32_t nfree_ids, cap_free_ids;
-	uint32_t partial[NCLASSES];
-	struct mc_store_stats st;
-} S = {.lock = PTHREAD_MUTEX_INITIALIZER};
+	_Atomic uint64_t sessions, blobs, bytes_compressed, bytes_slots, bytes_used, bytes_peak, chunks,
+		index_bytes;
+} G;
 
 static inline uint32_t class_of(uint32_t len)
 {
@@ -65,172 +68,304 @@ uint32_t store_slot_size(uint32_t len)
 	return class_size(class_of(len));
 }
 
-static struct chunk *chunk_of(uint32_t id)
+static uint64_t chunk_off(uint32_t c)
 {
-	struct chunk *blk = S.dir[id >> DIR_BITS];
-	return blk ? &blk[id & (DIR_SIZE - 1)] : NULL;
+	return PCS_CHUNKS_OFF + (uint64_t)c * PCS_CHUNK;
 }
 
-static uint32_t new_chunk_id(void)
+static void global_add(_Atomic uint64_t *v, int64_t d)
 {
-	uint32_t id;
-	if (S.nfree_ids)
-		return S.free_ids[--S.nfree_ids];
-	if (S.next_id + 1 >= S.cap_free_ids) {
-		/* room to recycle every id ever made, so that freeing never allocates */
-		uint32_t cap = S.cap_free_ids ? 2 * S.cap_free_ids : 1024;
-		uint32_t *n = realloc(S.free_ids, cap * sizeof *n);
-		if (!n)
-			return NO_CHUNK;
-		S.free_ids = n;
-		S.cap_free_ids = cap;
-	}
-	id = ++S.next_id;
-	if ((id >> DIR_BITS) >= DIR_SIZE) {
-		S.next_id--;
-		return NO_CHUNK;
-	}
-	if (!S.dir[id >> DIR_BITS]) {
-		S.dir[id >> DIR_BITS] = calloc(DIR_SIZE, sizeof(struct chunk));
-		if (!S.dir[id >> DIR_BITS]) {
-			S.next_id--;
-			return NO_CHUNK;
-		}
-	}
-	return id;
+	atomic_fetch_add(v, (uint64_t)d);
 }
 
-static void list_remove(uint32_t id)
+/* What the file may hold: twice RAM and swap (the store lives there), at least 1 GiB. */
+static uint64_t default_reserve(void)
 {
-	struct chunk *c = chunk_of(id);
+	struct sysinfo si;
+	uint64_t total = 1ull << 30;
+	if (!sysinfo(&si))
+		total = ((uint64_t)si.totalram + si.totalswap) * si.mem_unit;
+	total *= 2;
+	return total < (1ull << 30) ? (1ull << 30) : total;
+}
+
+int store_init(struct mc_session *s, uint64_t reserve)
+{
+	struct store *st = &s->st;
+	char name[48];
+	uint64_t nchunks;
+
+	if (!reserve)
+		reserve = default_reserve();
+	nchunks = reserve / PCS_CHUNK + 1;
+	if (nchunks > UINT32_MAX)
+		nchunks = UINT32_MAX;
+	st->size = chunk_off((uint32_t)(nchunks - 1)) + PCS_CHUNK;
+	st->nchunks = nchunks;
+	st->fd = -1;
+	pthread_mutex_init(&st->lock, NULL);
+	snprintf(name, sizeof name, "memfs-store-%llu", (unsigned long long)s->id);
+	st->fd = memfd_create(name, MFD_CLOEXEC);
+	if (st->fd < 0)
+		return -errno;
+	/* read-only for everyone else: the target's descriptor can never be reopened to write */
+	if (fchmod(st->fd, 0400) || ftruncate(st->fd, (off_t)st->size))
+		return -errno;
+	st->base = mmap(NULL, st->size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, st->fd, 0);
+	if (st->base == MAP_FAILED) {
+		st->base = NULL;
+		return -errno;
+	}
+	st->cm = mmap(NULL, nchunks * sizeof *st->cm, PROT_READ | PROT_WRITE,
+		      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	st->free_chunks = mmap(NULL, nchunks * sizeof *st->free_chunks, PROT_READ | PROT_WRITE,
+			       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (st->cm == MAP_FAILED || st->free_chunks == MAP_FAILED) {
+		if (st->cm != MAP_FAILED)
+			munmap(st->cm, nchunks * sizeof *st->cm);
+		if (st->free_chunks != MAP_FAILED)
+			munmap(st->free_chunks, nchunks * sizeof *st->free_chunks);
+		st->cm = NULL;
+		st->free_chunks = NULL;
+		return -ENOMEM;
+	}
+	st->next_chunk = 1; /* chunk 0 means none */
+	st->hdr = (struct pcs_header *)st->base;
+	*st->hdr = (struct pcs_header){.magic = PCS_MAGIC,
+				       .version = PCS_VERSION,
+				       .size = st->size,
+				       .page_size = PCS_PAGE,
+				       .chunk_size = PCS_CHUNK,
+				       .journal_off = PCS_JOURNAL_OFF,
+				       .slots_off = PCS_SLOTS_OFF,
+				       .ranges_off = PCS_RANGES_OFF,
+				       .chunks_off = PCS_CHUNKS_OFF,
+				       .nchunks = nchunks,
+				       .session_id = s->id};
+	s->journal = (struct uffd_msg *)(st->base + PCS_JOURNAL_OFF);
+	s->slots = (struct pcs_slot *)(st->base + PCS_SLOTS_OFF);
+	global_add(&G.sessions, 1);
+	return 0;
+}
+
+void store_destroy(struct mc_session *s)
+{
+	struct store *st = &s->st;
+	if (st->base) {
+		global_add(&G.sessions, -1);
+		global_add(&G.blobs, -(int64_t)st->st.blobs);
+		global_add(&G.bytes_compressed, -(int64_t)st->st.bytes_compressed);
+		global_add(&G.bytes_slots, -(int64_t)st->st.bytes_slots);
+		global_add(&G.bytes_used, -(int64_t)st->st.bytes_used);
+		global_add(&G.chunks, -(int64_t)st->st.chunks);
+		global_add(&G.index_bytes, -(int64_t)st->index_chunks * PCS_CHUNK);
+		munmap(st->base, st->size);
+		st->base = NULL;
+	}
+	if (st->cm)
+		munmap(st->cm, st->nchunks * sizeof *st->cm);
+	if (st->free_chunks)
+		munmap(st->free_chunks, st->nchunks * sizeof *st->free_chunks);
+	st->cm = NULL;
+	st->free_chunks = NULL;
+	if (st->fd >= 0)
+		close(st->fd); /* the target's descriptor keeps the file, if it still holds one */
+	st->fd = -1;
+	pthread_mutex_destroy(&st->lock);
+}
+
+/* A chunk number, or 0 when the file is full (caller holds st->lock). */
+static uint32_t take_chunk(struct store *st)
+{
+	if (st->nfree_chunks)
+		return st->free_chunks[--st->nfree_chunks];
+	if (st->next_chunk >= st->nchunks)
+		return 0;
+	return (uint32_t)st->next_chunk++;
+}
+
+/* Its pages go back to the system now (caller holds st->lock). */
+static void give_chunk(struct store *st, uint32_t c)
+{
+	fallocate(st->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)chunk_off(c), PCS_CHUNK);
+	st->free_chunks[st->nfree_chunks++] = c;
+}
+
+uint32_t store_new_chunk(struct mc_session *s)
+{
+	struct store *st = &s->st;
+	uint32_t c;
+	pthread_mutex_lock(&st->lock);
+	c = take_chunk(st);
+	if (c) {
+		st->cm[c] = (struct chunk_meta){.cls = CLASS_INDEX};
+		st->index_chunks++;
+		global_add(&G.index_bytes, PCS_CHUNK);
+	}
+	pthread_mutex_unlock(&st->lock);
+	return c; /* fresh or punched: zeros */
+}
+
+void store_free_chunk(struct mc_session *s, uint32_t c)
+{
+	struct store *st = &s->st;
+	pthread_mutex_lock(&st->lock);
+	st->index_chunks--;
+	global_add(&G.index_bytes, -(int64_t)PCS_CHUNK);
+	give_chunk(st, c);
+	pthread_mutex_unlock(&st->lock);
+}
+
+static void list_remove(struct store *st, uint32_t id)
+{
+	struct chunk_meta *c = &st->cm[id];
 	if (c->prev)
-		chunk_of(c->prev)->next = c->next;
+		st->cm[c->prev].next = c->next;
 	else
-		S.partial[c->cls] = c->next;
+		st->partial[c->cls] = c->next;
 	if (c->next)
-		chunk_of(c->next)->prev = c->prev;
-	c->prev = c->next = NO_CHUNK;
+		st->cm[c->next].prev = c->prev;
+	c->prev = c->next = 0;
 	c->in_list = 0;
 }
 
-static void list_push(uint32_t id)
+static void list_push(struct store *st, uint32_t id)
 {
-	struct chunk *c = chunk_of(id);
-	c->prev = NO_CHUNK;
-	c->next = S.partial[c->cls];
+	struct chunk_meta *c = &st->cm[id];
+	c->prev = 0;
+	c->next = st->partial[c->cls];
 	if (c->next)
-		chunk_of(c->next)->prev = id;
-	S.partial[c->cls] = id;
+		st->cm[c->next].prev = id;
+	st->partial[c->cls] = id;
 	c->in_list = 1;
 }
 
 /* The pages of the chunk the bump pointer has reached: what the chunk costs. */
-static uint64_t touched_bytes(const struct chunk *c)
+static uint64_t touched_bytes(const struct chunk_meta *c)
 {
 	uint64_t end = (uint64_t)c->bump * class_size(c->cls);
 	return (end + PAGE - 1) / PAGE * PAGE;
 }
 
-static uint32_t grow(uint32_t cls)
+static uint32_t grow(struct store *st, uint32_t cls)
 {
-	uint32_t id = new_chunk_id();
-	struct chunk *c;
-	void *mem;
-
-	if (id == NO_CHUNK)
-		return NO_CHUNK;
-	mem = mmap(NULL, CHUNK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (mem == MAP_FAILED) {
-		S.free_ids[S.nfree_ids++] = id;
-		return NO_CHUNK;
-	}
-	c = chunk_of(id);
-	*c = (struct chunk){.base = mem,
-			    .cls = (uint16_t)cls,
-			    .nslots = (uint16_t)(CHUNK_BYTES / class_size(cls)),
-			    .free_head = FREE_END};
+	uint32_t id = take_chunk(st);
+	struct chunk_meta *c;
+	if (!id)
+		return 0;
+	c = &st->cm[id];
+	*c = (struct chunk_meta){.cls = (uint16_t)cls,
+				 .nslots = (uint16_t)(PCS_CHUNK / class_size(cls)),
+				 .free_head = FREE_END};
 	c->nfree = c->nslots;
-	list_push(id);
-	S.st.chunks++;
+	list_push(st, id);
+	st->st.chunks++;
+	global_add(&G.chunks, 1);
 	return id;
 }
 
-uint64_t store_alloc(uint32_t len, void **ptr)
+uint64_t store_alloc(struct mc_session *s, uint32_t len, void **ptr)
 {
+	struct store *st = &s->st;
 	uint32_t cls = class_of(len), id, slot;
-	struct chunk *c;
-	uint64_t before;
+	struct chunk_meta *c;
+	uint64_t before, off, used;
 
-	pthread_mutex_lock(&S.lock);
-	if (tun.store_cap_bytes && S.st.bytes_used >= tun.store_cap_bytes) {
-		pthread_mutex_unlock(&S.lock);
+	if (atomic_load(&G.bytes_used) >= tun.store_cap_bytes)
 		return 0; /* full: the page keeps living in the target */
-	}
-	id = S.partial[cls];
-	if (id == NO_CHUNK)
-		id = grow(cls);
-	if (id == NO_CHUNK) {
-		pthread_mutex_unlock(&S.lock);
+	pthread_mutex_lock(&st->lock);
+	id = st->partial[cls];
+	if (!id)
+		id = grow(st, cls);
+	if (!id) {
+		pthread_mutex_unlock(&st->lock);
 		return 0;
 	}
-	c = chunk_of(id);
+	c = &st->cm[id];
 	before = touched_bytes(c);
 	if (c->free_head != FREE_END) {
 		slot = c->free_head;
-		memcpy(&c->free_head, c->base + (size_t)slot * class_size(cls), sizeof c->free_head);
+		memcpy(&c->free_head, st->base + chunk_off(id) + (size_t)slot * class_size(cls),
+		       sizeof c->free_head);
 	} else {
 		slot = c->bump++;
 	}
 	if (--c->nfree == 0)
-		list_remove(id);
-	S.st.blobs++;
-	S.st.bytes_compressed += len;
-	S.st.bytes_slots += class_size(cls);
-	S.st.bytes_used += touched_bytes(c) - before;
-	if (S.st.bytes_used > S.st.bytes_peak)
-		S.st.bytes_peak = S.st.bytes_used;
-	pthread_mutex_unlock(&S.lock);
-	*ptr = c->base + (size_t)slot * class_size(cls);
-	return (uint64_t)id << 16 | slot;
+		list_remove(st, id);
+	used = touched_bytes(c) - before;
+	st->st.blobs++;
+	st->st.bytes_compressed += len;
+	st->st.bytes_slots += class_size(cls);
+	st->st.bytes_used += used;
+	if (st->st.bytes_used > st->st.bytes_peak)
+		st->st.bytes_peak = st->st.bytes_used;
+	pthread_mutex_unlock(&st->lock);
+	global_add(&G.blobs, 1);
+	global_add(&G.bytes_compressed, len);
+	global_add(&G.bytes_slots, class_size(cls));
+	if (used) {
+		uint64_t now = atomic_fetch_add(&G.bytes_used, used) + used, peak = atomic_load(&G.bytes_peak);
+		while (now > peak && !atomic_compare_exchange_weak(&G.bytes_peak, &peak, now))
+			;
+	}
+	off = chunk_off(id) + (uint64_t)slot * class_size(cls);
+	*ptr = st->base + off;
+	return off / PCS_BLOB_ALIGN;
 }
 
 /* Blob lengths are not kept here: the page entry knows its csize. */
-void store_free(uint64_t handle, uint32_t len)
+void store_free(struct mc_session *s, uint64_t handle, uint32_t len)
 {
-	uint32_t id = (uint32_t)(handle >> 16), slot = (uint32_t)(handle & 0xffff);
-	struct chunk *c;
+	struct store *st = &s->st;
+	uint64_t off = handle * PCS_BLOB_ALIGN;
+	uint32_t id = (uint32_t)((off - PCS_CHUNKS_OFF) / PCS_CHUNK), cls = class_of(len);
+	uint16_t slot = (uint16_t)((off - chunk_off(id)) / class_size(cls));
+	struct chunk_meta *c;
+	int64_t freed = 0;
 
-	pthread_mutex_lock(&S.lock);
-	c = chunk_of(id);
-	memcpy(c->base + (size_t)slot * class_size(c->cls), &c->free_head, sizeof c->free_head);
-	c->free_head = (uint16_t)slot;
+	pthread_mutex_lock(&st->lock);
+	c = &st->cm[id];
+	memcpy(st->base + off, &c->free_head, sizeof c->free_head);
+	c->free_head = slot;
 	c->nfree++;
-	S.st.blobs--;
-	S.st.bytes_compressed -= len;
-	S.st.bytes_slots -= class_size(c->cls);
+	st->st.blobs--;
+	st->st.bytes_compressed -= len;
+	st->st.bytes_slots -= class_size(cls);
 	if (c->nfree == c->nslots) {
 		if (c->in_list)
-			list_remove(id);
-		S.st.bytes_used -= touched_bytes(c);
-		munmap(c->base, CHUNK_BYTES);
-		c->base = NULL;
-		S.st.chunks--;
-		S.free_ids[S.nfree_ids++] = id;
+			list_remove(st, id);
+		freed = (int64_t)touched_bytes(c);
+		st->st.bytes_used -= (uint64_t)freed;
+		st->st.chunks--;
+		give_chunk(st, id);
 	} else if (!c->in_list) {
-		list_push(id);
+		list_push(st, id);
 	}
-	pthread_mutex_unlock(&S.lock);
+	pthread_mutex_unlock(&st->lock);
+	global_add(&G.blobs, -1);
+	global_add(&G.bytes_compressed, -(int64_t)len);
+	global_add(&G.bytes_slots, -(int64_t)class_size(cls));
+	if (freed) {
+		global_add(&G.bytes_used, -freed);
+		global_add(&G.chunks, -1);
+	}
 }
 
-void *store_ptr(uint64_t handle)
+/* Does `handle` name a blob of `len` bytes inside this store's chunks? */
+bool store_handle_ok(const struct mc_session *s, uint64_t handle, uint32_t len)
 {
-	struct chunk *c = chunk_of((uint32_t)(handle >> 16));
-	return c->base + (size_t)(handle & 0xffff) * class_size(c->cls);
+	uint64_t off = handle * PCS_BLOB_ALIGN;
+	return handle && len && len <= PAGE && off >= chunk_off(1) && off + len <= s->st.size;
 }
 
 void mc_store_get_stats(struct mc_store_stats *out)
 {
-	pthread_mutex_lock(&S.lock);
-	*out = S.st;
-	pthread_mutex_unlock(&S.lock);
+	*out = (struct mc_store_stats){.sessions = atomic_load(&G.sessions),
+				       .blobs = atomic_load(&G.blobs),
+				       .bytes_compressed = atomic_load(&G.bytes_compressed),
+				       .bytes_slots = atomic_load(&G.bytes_slots),
+				       .bytes_used = atomic_load(&G.bytes_used),
+				       .bytes_peak = atomic_load(&G.bytes_peak),
+				       .chunks = atomic_load(&G.chunks),
+				       .index_bytes = atomic_load(&G.index_bytes)};
 }

@@ -4,7 +4,8 @@
  * A target registers page-aligned private anonymous ranges, then starts a
  * session: the library creates a userfaultfd, hands it to the daemon and
  * runs an agent thread that frees pages when the daemon has compressed
- * them.  See predicomp_client(3).
+ * them, and a keeper thread that serves the faults itself if the daemon
+ * dies.  Link with -lpredicomp_client -llz4 -pthread.  See predicomp_client(3).
  *
  * Every function returns 0 or a negative errno value.
  */
@@ -39,10 +40,20 @@ int predicomp_client_prefetch(struct predicomp_client *pc, void *addr, size_t le
 int predicomp_client_stop(struct predicomp_client *pc);
 int predicomp_client_close(struct predicomp_client *pc);
 
-/* Introspection, added with protocol v1. */
+/* Introspection. */
 int predicomp_client_session_id(struct predicomp_client *pc, uint64_t *id);
 int predicomp_client_has_agent(struct predicomp_client *pc);
 const char *predicomp_client_last_error(struct predicomp_client *pc);
+
+/* What the library did while no daemon served this process (protocol v2). */
+struct predicomp_client_stats {
+	uint64_t takeovers;    /* times the daemon was lost and this process served its own faults */
+	uint64_t agent_faults; /* faults it served itself meanwhile */
+	uint64_t resumes;      /* times a restarted daemon took the session back */
+	uint32_t alone;        /* 1 while no daemon serves it */
+	uint32_t reserved;
+};
+int predicomp_client_stats(struct predicomp_client *pc, struct predicomp_client_stats *out);
 
 #ifdef __cplusplus
 }

@@ -1,5 +1,5 @@
 /*
- * predicomp_proto.h - memfs wire protocol, version 1.
+ * predicomp_proto.h - memfs wire protocol, version 2.
  *
  * This header is the specification of the protocol spoken between a target
  * (libpredicomp_client) and the memfs daemon over a Unix stream socket.
@@ -17,7 +17,7 @@
 #include <stdint.h>
 
 #define PCP_MAGIC 0x50434d50u /* "PMCP" in memory order */
-#define PCP_VERSION 1
+#define PCP_VERSION 2
 #define PCP_HEADER_SIZE 16
 #define PCP_MAX_PAYLOAD 65536
 #define PCP_MAX_RANGES 1024
@@ -32,6 +32,9 @@
 #define PCP_PREFETCH 5
 #define PCP_EVICT_DONE 6
 #define PCP_SAMPLE_DONE 7
+#define PCP_RESUME 8  /* a session whose daemon died, back to a new daemon */
+#define PCP_FORGET 9  /* before RESUME: pages the target discarded while it served itself */
+#define PCP_ADOPT 10  /* after ACK(RESUME): the daemon serves the faults from now on */
 /* message types: daemon -> target */
 #define PCP_ACK 64
 #define PCP_ERR 65
@@ -58,8 +61,8 @@ struct pcp_header {
 };
 
 struct pcp_hello {
-	uint32_t pid;       /* must equal the peer's SO_PEERCRED pid */
-	uint32_t nranges;   /* RANGE messages that follow, 1..PCP_MAX_RANGES */
+	uint32_t pid;       /* the connecting process itself (SO_PEERPIDFD), else EPERM */
+	uint32_t nranges;   /* RANGE messages that follow: 1..PCP_MAX_RANGES, and the staging area */
 	uint64_t caps;      /* PCP_CAP_* */
 	uint32_t page_size; /* must be 4096 */
 	uint32_t reserved;  /* 0 */
@@ -81,11 +84,41 @@ struct pcp_prefetch {
 	uint64_t length;
 };
 
+/*
+ * ACK(START) and ACK(RESUME) carry two descriptors (SCM_RIGHTS): the session's
+ * store, read-only, and its fence page (predicomp_store.h).  The target keeps
+ * both for the session's life and maps neither while the daemon lives.
+ */
 struct pcp_ack {
 	uint32_t acked_type;
 	uint32_t acked_seq;
-	uint64_t value; /* START: session id; STOP: pages restored */
+	uint64_t value; /* START, RESUME: session id */
 };
+
+/* RESUME: after HELLO and the RANGEs (each at its index in the old store) and any FORGETs;
+ * the userfaultfd and the old store ride along (SCM_RIGHTS, in that order). */
+struct pcp_resume {
+	uint64_t uffd_features;
+	uint64_t old_session; /* the session id the old daemon gave */
+	uint64_t takeovers;   /* times the target served its own faults, this one included */
+	uint64_t agent_faults; /* faults it served itself */
+	uint64_t resumes;     /* times it was taken back before */
+	uint32_t nforget;     /* runs sent in FORGET messages */
+	uint32_t reserved;
+};
+
+struct pcp_forget_run {
+	uint32_t range;
+	uint32_t reserved;
+	uint64_t first;
+	uint64_t count;
+};
+struct pcp_forget {
+	uint32_t nruns; /* struct pcp_forget_run follow */
+	uint32_t reserved;
+};
+#define PCP_FORGET_MAX_RUNS ((PCP_MAX_PAYLOAD - sizeof(struct pcp_forget)) / sizeof(struct pcp_forget_run))
+#define PCP_MAX_FORGET_RUNS 1048576 /* in all, per RESUME */
 
 struct pcp_err {
 	int32_t err;        /* a positive errno value */
@@ -99,6 +132,8 @@ struct pcp_addr_run {
 	uint64_t length;
 };
 
+/* request_id names the request's word in the fence page too (predicomp_store.h):
+ * the agent begins it only by moving that word from PENDING to STARTED. */
 struct pcp_evict {
 	uint64_t request_id;
 	uint32_t nruns; /* struct pcp_addr_run follow */

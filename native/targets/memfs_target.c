@@ -29,6 +29,8 @@
  *   gaps SECONDS           spin, reading the clock, and report the gaps over 10 us: how
  *                          often, and for how long, the machine takes a busy CPU away
  *                          (timer ticks, the host); a fault that meets one is that much slower
+ *   stats                  what the library did without a daemon: takeovers, faults it
+ *                          served itself, resumes, and whether it is alone now
  *   stop | exit
  *
  * MEMFS_TARGET_DEBUG=1 makes stress report the first lost write of each writer on stderr.
@@ -608,6 +610,15 @@ int main(int argc, char **argv)
 			printf("PREFETCH rc=%d\n", rc);
 		} else if (!strncmp(line, "pageout", 7)) {
 			cmd_pageout();
+		} else if (!strncmp(line, "stats", 5)) {
+			struct predicomp_client_stats st = {0};
+			int rc = pc ? predicomp_client_stats(pc, &st) : -ENOTCONN;
+			uint64_t sid = 0;
+			if (pc)
+				predicomp_client_session_id(pc, &sid);
+			printf("STATS rc=%d takeovers=%" PRIu64 " agent_faults=%" PRIu64 " resumes=%" PRIu64
+			       " alone=%u session=%" PRIu64 "\n",
+			       rc, st.takeovers, st.agent_faults, st.resumes, st.alone, sid);
 		} else if (!strncmp(line, "stop", 4)) {
 			int rc = pc ? predicomp_client_stop(pc) : 0;
 			printf("STOP rc=%d\n", rc);

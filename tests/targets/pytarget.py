@@ -1,7 +1,7 @@
 """A Python target for tests, using memfs.client (libpredicomp_client via cffi).
 
 Speaks the command language of native/targets/memfs_target.c on stdin/stdout
-(verify, rss, write PAGE BYTE, prefetch FIRST COUNT, stop, exit).  With
+(verify, rss, write PAGE BYTE, prefetch FIRST COUNT, stats, stop, exit).  With
 --fill-after-start the data is written after the session started, so every
 page first arrives through a fault the daemon serves.
 """
@@ -81,6 +81,9 @@ def main() -> None:
             elif cmd[0] == "prefetch":
                 c.prefetch(int(cmd[1]) * PAGE, int(cmd[2]) * PAGE)
                 print("PREFETCH rc=0", flush=True)
+            elif cmd[0] == "stats":
+                st = c.stats()
+                print("STATS rc=0 " + " ".join(f"{k}={v}" for k, v in st.items()), flush=True)
             elif cmd[0] == "stop":
                 c.stop()
                 print("STOP rc=0", flush=True)

@@ -1,43 +1,34 @@
 /*
- * libpredicomp_client: the target side of memfs.
+ * libpredicomp_client: the target side of memfs (predicomp_client(3)).
  *
  * The library validates and records ranges, creates the userfaultfd, sends
- * it to the daemon (protocol v1, predicomp_proto.h) and then runs an agent
- * thread.  The agent is the only reader of the socket once a session runs:
- * it executes EVICT requests (MADV_DONTNEED on pages the daemon holds a
- * copy of: a process may not be made to drop its private pages from
- * outside), and it delivers the daemon's answer to STOP to the thread
- * waiting in predicomp_client_stop().
+ * it to the daemon (protocol v2, predicomp_proto.h) and then runs two
+ * threads: the agent (agent.c), which does for the daemon what only this
+ * process may do to its memory, and the keeper (keeper.c), which serves
+ * this process's faults itself from the store the daemon handed over if
+ * the daemon dies, until a restarted daemon takes the session back.
  *
- * Built with -DPREDICOMP_CLIENT_NO_AGENT the library has no agent: the
+ * Built with -DPREDICOMP_CLIENT_NO_AGENT the library has neither: the
  * daemon then runs the session in wp-only mode (pages are compressed and
- * tracked but never freed).
+ * tracked but never freed, so a daemon's death costs nothing: the kernel
+ * lifts the write protection when the daemon's userfaultfd goes).
  */
-#define _GNU_SOURCE
-#include "predicomp_client.h"
-#include "predicomp_proto.h"
+#include "internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <linux/userfaultfd.h>
-#include <pthread.h>
-#include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
-#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
-
-#define PAGE 4096u
-#define START_TIMEOUT_S 120
-#define STOP_TIMEOUT_S 600
 
 #ifndef UFFD_FEATURE_POISON
 #define UFFD_FEATURE_POISON (1 << 14) /* Linux 6.6; older headers lack it */
@@ -57,160 +48,6 @@
 	((uint64_t)UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_THREAD_ID |                     \
 	 UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP |        \
 	 UFFD_FEATURE_POISON | UFFD_FEATURE_MOVE)
-
-enum client_state { ST_OPEN, ST_RUNNING, ST_STOPPED, ST_ENDED };
-
-struct client_range {
-	uintptr_t addr;
-	size_t len;
-	uint32_t flags;
-};
-
-struct predicomp_client {
-	pthread_mutex_t lock; /* API calls; agent notifications */
-	pthread_cond_t cond;
-	pthread_mutex_t send_lock; /* one frame at a time on the socket */
-	int sock;
-	int uffd; /* our copy while a session runs, so a vanished daemon is noticed */
-	void *staging; /* pages the daemon's access sampler parks here (PCP_STAGING_PAGES) */
-	enum client_state state;
-	uint32_t seq;
-	uint32_t nranges;
-	struct client_range ranges[PREDICOMP_CLIENT_MAX_RANGES];
-	uint64_t session_id;
-	int has_agent;
-	pthread_t agent;
-	int agent_running;
-	/* set by the agent, under lock */
-	int stop_acked;
-	int ended_errno; /* the daemon ended the session (ERR) or vanished */
-	uint64_t bytes_evicted;
-	char last_error[256];
-};
-
-static void set_error(struct predicomp_client *pc, const char *fmt, ...)
-{
-	va_list ap;
-	if (!pc)
-		return;
-	va_start(ap, fmt);
-	vsnprintf(pc->last_error, sizeof pc->last_error, fmt, ap);
-	va_end(ap);
-}
-
-/* ---- framing ---------------------------------------------------------- */
-
-static int write_all(int fd, const void *buf, size_t len)
-{
-	const char *p = buf;
-	while (len) {
-		ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
-
-static int read_all(int fd, void *buf, size_t len)
-{
-	char *p = buf;
-	while (len) {
-		ssize_t n = recv(fd, p, len, 0);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			if (errno == EAGAIN || errno == EWOULDBLOCK)
-				return -ETIMEDOUT;
-			return -errno;
-		}
-		if (n == 0)
-			return -ECONNRESET;
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
-
-/* Send one frame; pass_fd >= 0 attaches it with SCM_RIGHTS. */
-static int send_frame(struct predicomp_client *pc, uint16_t type, const void *payload, size_t len,
-		      int pass_fd)
-{
-	struct pcp_header h = {
-		.magic = PCP_MAGIC, .version = PCP_VERSION, .type = type, .length = (uint32_t)len};
-	int rc;
-
-	pthread_mutex_lock(&pc->send_lock);
-	h.seq = ++pc->seq;
-	if (pass_fd >= 0) {
-		union {
-			char buf[CMSG_SPACE(sizeof(int))];
-			struct cmsghdr align;
-		} cbuf;
-		struct iovec iov[2] = {{&h, sizeof h}, {(void *)payload, len}};
-		struct msghdr m = {.msg_iov = iov, .msg_iovlen = len ? 2 : 1};
-		struct cmsghdr *c;
-		size_t total = sizeof h + len;
-		ssize_t n;
-
-		memset(&cbuf, 0, sizeof cbuf);
-		m.msg_control = cbuf.buf;
-		m.msg_controllen = sizeof cbuf.buf;
-		c = CMSG_FIRSTHDR(&m);
-		c->cmsg_level = SOL_SOCKET;
-		c->cmsg_type = SCM_RIGHTS;
-		c->cmsg_len = CMSG_LEN(sizeof(int));
-		memcpy(CMSG_DATA(c), &pass_fd, sizeof(int));
-		do
-			n = sendmsg(pc->sock, &m, MSG_NOSIGNAL);
-		while (n < 0 && errno == EINTR);
-		if (n < 0)
-			rc = -errno;
-		else if ((size_t)n < total)
-			rc = write_all(pc->sock, (const char *)payload + ((size_t)n - sizeof h),
-				       total - (size_t)n);
-		else
-			rc = 0;
-	} else {
-		rc = write_all(pc->sock, &h, sizeof h);
-		if (!rc && len)
-			rc = write_all(pc->sock, payload, len);
-	}
-	pthread_mutex_unlock(&pc->send_lock);
-	return rc;
-}
-
-/* Read one frame into buf (cap bytes); returns payload length or -errno. */
-static int recv_frame(int fd, struct pcp_header *h, void *buf, size_t cap)
-{
-	int rc = read_all(fd, h, sizeof *h);
-	if (rc)
-		return rc;
-	if (h->magic != PCP_MAGIC || h->version != PCP_VERSION || h->length > PCP_MAX_PAYLOAD ||
-	    h->length > cap)
-		return -EPROTO;
-	rc = read_all(fd, buf, h->length);
-	if (rc)
-		return rc;
-	return (int)h->length;
-}
-
-/* The text of an ERR frame, for last_error. */
-static int decode_err(struct predicomp_client *pc, const void *buf, int len)
-{
-	struct pcp_err e;
-	if (len < (int)sizeof e)
-		return -EPROTO;
-	memcpy(&e, buf, sizeof e);
-	if (e.text_len > (uint32_t)len - sizeof e)
-		e.text_len = (uint32_t)len - sizeof e;
-	set_error(pc, "daemon: %.*s", (int)e.text_len, (const char *)buf + sizeof e);
-	return e.err > 0 ? -e.err : -EPROTO;
-}
 
 /* ---- ranges ------------------------------------------------------------ */
 
@@ -380,175 +217,6 @@ static int open_uffd(struct predicomp_client *pc, uint64_t *features)
 	return fd;
 }
 
-/* ---- agent ---------------------------------------------------------------- */
-
-#ifndef PREDICOMP_CLIENT_NO_AGENT
-static int do_evict(struct predicomp_client *pc, const void *buf, int len)
-{
-	struct pcp_evict ev;
-	struct pcp_evict_done done = {0};
-	const char *p = (const char *)buf + sizeof ev;
-
-	if (len < (int)sizeof ev)
-		return -EPROTO;
-	memcpy(&ev, buf, sizeof ev);
-	if ((size_t)len != sizeof ev + (size_t)ev.nruns * sizeof(struct pcp_addr_run))
-		return -EPROTO;
-	done.request_id = ev.request_id;
-	for (uint32_t i = 0; i < ev.nruns; i++) {
-		struct pcp_addr_run run;
-		memcpy(&run, p + i * sizeof run, sizeof run);
-		if (madvise((void *)(uintptr_t)run.addr, run.length, MADV_DONTNEED)) {
-			done.status = -errno;
-			break;
-		}
-		done.bytes_done += run.length;
-	}
-	pthread_mutex_lock(&pc->lock);
-	pc->bytes_evicted += done.bytes_done;
-	pthread_mutex_unlock(&pc->lock);
-	return send_frame(pc, PCP_EVICT_DONE, &done, sizeof done, -1);
-}
-
-#ifndef _UFFDIO_MOVE
-#define _UFFDIO_MOVE (0x05)
-struct uffdio_move {
-	uint64_t dst;
-	uint64_t src;
-	uint64_t len;
-	uint64_t mode;
-	int64_t move;
-};
-#define UFFDIO_MOVE _IOWR(UFFDIO, _UFFDIO_MOVE, struct uffdio_move)
-#endif
-
-/*
- * The daemon's access sampler parks pages in the staging area.  The moves
- * are ours to make: the kernel allows UFFDIO_MOVE only within the caller's
- * own address space.
- */
-static int do_sample(struct predicomp_client *pc, const void *buf, int len)
-{
-	struct pcp_sample sm;
-	struct pcp_sample_done done = {0};
-	uint8_t bitmap[(PCP_SAMPLE_MAX_MOVES + 7) / 8] = {0};
-	const char *p = (const char *)buf + sizeof sm;
-	char reply[sizeof done + sizeof bitmap];
-
-	if (len < (int)sizeof sm)
-		return -EPROTO;
-	memcpy(&sm, buf, sizeof sm);
-	if (sm.nmoves > PCP_SAMPLE_MAX_MOVES ||
-	    (size_t)len != sizeof sm + (size_t)sm.nmoves * sizeof(struct pcp_move) || !pc->staging)
-		return -EPROTO;
-	if (sm.flags & PCP_SAMPLE_ZAP_STAGING)
-		madvise(pc->staging, PCP_STAGING_PAGES * PAGE, MADV_DONTNEED);
-	for (uint32_t i = 0; i < sm.nmoves; i++) {
-		struct pcp_move mv;
-		struct uffdio_move um;
-		memcpy(&mv, p + i * sizeof mv, sizeof mv);
-		if ((uintptr_t)mv.dst < (uintptr_t)pc->staging ||
-		    (uintptr_t)mv.dst >= (uintptr_t)pc->staging + PCP_STAGING_PAGES * PAGE)
-			continue; /* only ever into our staging area */
-		um = (struct uffdio_move){.dst = mv.dst, .src = mv.src, .len = PAGE};
-		if (!ioctl(pc->uffd, UFFDIO_MOVE, &um)) {
-			bitmap[i / 8] |= (uint8_t)(1u << (i % 8));
-			done.nmoved++;
-		}
-	}
-	done.request_id = sm.request_id;
-	done.nmoves = sm.nmoves;
-	memcpy(reply, &done, sizeof done);
-	memcpy(reply + sizeof done, bitmap, (sm.nmoves + 7) / 8);
-	return send_frame(pc, PCP_SAMPLE_DONE, reply, sizeof done + (sm.nmoves + 7) / 8, -1);
-}
-
-static void unregister_all(struct predicomp_client *pc)
-{
-	for (uint32_t i = 0; i < pc->nranges; i++) {
-		struct uffdio_range r = {.start = pc->ranges[i].addr, .len = pc->ranges[i].len};
-		ioctl(pc->uffd, UFFDIO_UNREGISTER, &r);
-	}
-}
-
-/*
- * The daemon vanished without ending the session.  Pages it evicted
- * exist nowhere else: rather than let the process read zeros where its
- * data was, stop it loudly.  If nothing was ever evicted, nothing is
- * lost: unregister and carry on without the pager.
- */
-static void daemon_lost(struct predicomp_client *pc, int err)
-{
-	if (pc->bytes_evicted) {
-		fprintf(stderr,
-			"predicomp_client: memfs daemon lost (%s) while it held evicted pages of "
-			"this process (%" PRIu64 " bytes evicted so far); aborting rather than "
-			"continuing with missing memory\n",
-			strerror(-err), pc->bytes_evicted);
-		abort();
-	}
-	unregister_all(pc);
-}
-
-static void *agent_main(void *arg)
-{
-	struct predicomp_client *pc = arg;
-	char *buf = malloc(PCP_MAX_PAYLOAD);
-	sigset_t all;
-
-	sigfillset(&all);
-	pthread_sigmask(SIG_BLOCK, &all, NULL);
-	for (;;) {
-		struct pcp_header h;
-		int len = buf ? recv_frame(pc->sock, &h, buf, PCP_MAX_PAYLOAD) : -ENOMEM, rc = 0;
-		if (len < 0) {
-			pthread_mutex_lock(&pc->lock);
-			if (!pc->stop_acked) {
-				daemon_lost(pc, len);
-				pc->ended_errno = len == -ECONNRESET ? ECONNRESET : -len;
-			}
-			pthread_cond_broadcast(&pc->cond);
-			pthread_mutex_unlock(&pc->lock);
-			break;
-		}
-		if (h.type == PCP_EVICT) {
-			rc = do_evict(pc, buf, len);
-		} else if (h.type == PCP_SAMPLE) {
-			rc = do_sample(pc, buf, len);
-		} else if (h.type == PCP_ACK) {
-			struct pcp_ack ack;
-			if (len < (int)sizeof ack) {
-				rc = -EPROTO;
-			} else {
-				memcpy(&ack, buf, sizeof ack);
-				if (ack.acked_type == PCP_STOP) {
-					pthread_mutex_lock(&pc->lock);
-					pc->stop_acked = 1;
-					pthread_cond_broadcast(&pc->cond);
-					pthread_mutex_unlock(&pc->lock);
-					break;
-				}
-			}
-		} else if (h.type == PCP_ERR) {
-			/* The daemon ended the session; it restored and unregistered our memory first. */
-			pthread_mutex_lock(&pc->lock);
-			pc->ended_errno = -decode_err(pc, buf, len);
-			pthread_cond_broadcast(&pc->cond);
-			pthread_mutex_unlock(&pc->lock);
-			break;
-		} else {
-			rc = -EPROTO;
-		}
-		if (rc) {
-			pthread_mutex_lock(&pc->lock);
-			set_error(pc, "agent: %s", strerror(-rc));
-			pthread_mutex_unlock(&pc->lock);
-		}
-	}
-	free(buf);
-	return NULL;
-}
-#endif
 
 /* ---- lifecycle ------------------------------------------------------------ */
 
@@ -575,8 +243,9 @@ int predicomp_client_open(struct predicomp_client **out, const char *socket_path
 	pthread_mutex_init(&pc->lock, NULL);
 	pthread_mutex_init(&pc->send_lock, NULL);
 	pthread_cond_init(&pc->cond, NULL);
-	pc->uffd = -1;
+	pc->uffd = pc->store_fd = pc->fence_fd = pc->keeper_efd = -1;
 	pc->state = ST_OPEN;
+	strcpy(pc->path, path);
 #ifndef PREDICOMP_CLIENT_NO_AGENT
 	pc->has_agent = 1;
 #endif
@@ -592,10 +261,10 @@ int predicomp_client_open(struct predicomp_client **out, const char *socket_path
 	return 0;
 }
 
-static void set_timeout(int fd, int seconds)
+static void close_fds(const int *fds, int n)
 {
-	struct timeval tv = {.tv_sec = seconds};
-	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+	for (int i = 0; i < n; i++)
+		close(fds[i]);
 }
 
 int predicomp_client_start(struct predicomp_client *pc)
@@ -604,7 +273,7 @@ int predicomp_client_start(struct predicomp_client *pc)
 	struct pcp_hello hello;
 	struct pcp_start start;
 	struct pcp_header h;
-	int rc, len, fd;
+	int rc, len, fd, fds[2], nfds = 0;
 
 	if (!pc)
 		return -EINVAL;
@@ -634,42 +303,43 @@ int predicomp_client_start(struct predicomp_client *pc)
 			pc->staging = st;
 		}
 	}
+	pc->features = start.uffd_features;
 	hello = (struct pcp_hello){.pid = (uint32_t)getpid(),
 				   .nranges = pc->nranges + (pc->staging ? 1 : 0),
 				   .caps = PCP_CAP_PREFETCH | (pc->has_agent ? PCP_CAP_AGENT : 0) |
 					   (pc->staging ? PCP_CAP_STAGING : 0),
 				   .page_size = PAGE};
-	rc = send_frame(pc, PCP_HELLO, &hello, sizeof hello, -1);
+	rc = send_frame(pc, pc->sock, PCP_HELLO, &hello, sizeof hello, NULL, 0);
 	for (uint32_t i = 0; !rc && i < pc->nranges; i++) {
 		struct pcp_range r = {.addr = pc->ranges[i].addr,
 				      .length = pc->ranges[i].len,
 				      .flags = pc->ranges[i].flags,
 				      .index = i};
-		rc = send_frame(pc, PCP_RANGE, &r, sizeof r, -1);
+		rc = send_frame(pc, pc->sock, PCP_RANGE, &r, sizeof r, NULL, 0);
 	}
 	if (!rc && pc->staging) {
 		struct pcp_range r = {.addr = (uintptr_t)pc->staging,
 				      .length = PCP_STAGING_PAGES * PAGE,
 				      .flags = PCP_RANGE_ANON_PRIVATE | PCP_RANGE_WRITABLE | PCP_RANGE_STAGING,
 				      .index = pc->nranges};
-		rc = send_frame(pc, PCP_RANGE, &r, sizeof r, -1);
+		rc = send_frame(pc, pc->sock, PCP_RANGE, &r, sizeof r, NULL, 0);
 	}
 	if (!rc)
-		rc = send_frame(pc, PCP_START, &start, sizeof start, fd);
+		rc = send_frame(pc, pc->sock, PCP_START, &start, sizeof start, &fd, 1);
 	if (rc) {
 		set_error(pc, "sending to the daemon: %s", strerror(-rc));
 		close(fd);
 		goto out;
 	}
 	set_timeout(pc->sock, START_TIMEOUT_S);
-	len = recv_frame(pc->sock, &h, buf, sizeof buf);
+	len = recv_frame(pc->sock, &h, buf, sizeof buf, fds, &nfds, 2);
 	set_timeout(pc->sock, 0);
 	if (len < 0) {
 		set_error(pc, "waiting for the daemon: %s", strerror(-len));
 		rc = len;
 	} else if (h.type == PCP_ERR) {
 		rc = decode_err(pc, buf, len);
-	} else if (h.type == PCP_ACK && len >= (int)sizeof(struct pcp_ack)) {
+	} else if (h.type == PCP_ACK && len >= (int)sizeof(struct pcp_ack) && nfds == 2) {
 		struct pcp_ack ack;
 		memcpy(&ack, buf, sizeof ack);
 		rc = ack.acked_type == PCP_START ? 0 : -EPROTO;
@@ -678,23 +348,36 @@ int predicomp_client_start(struct predicomp_client *pc)
 		rc = -EPROTO;
 	}
 	if (rc) {
+		close_fds(fds, nfds);
 		close(fd);
 		goto out;
 	}
 	pc->state = ST_RUNNING;
+	pc->link = LINK_UP;
 #ifndef PREDICOMP_CLIENT_NO_AGENT
 	pc->uffd = fd;
-	rc = pthread_create(&pc->agent, NULL, agent_main, pc);
+	pc->store_fd = fds[0];
+	pc->keeper_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	rc = map_fence(pc, fds[1]);
+	if (!rc && pc->keeper_efd < 0)
+		rc = -errno;
+	if (!rc)
+		rc = -pthread_create(&pc->agent, NULL, agent_main, pc);
+	if (!rc) {
+		pc->agent_running = 1;
+		rc = -pthread_create(&pc->keeper, NULL, keeper_main, pc);
+		pc->keeper_running = !rc;
+	}
 	if (rc) {
-		/* The daemon holds the session; without an agent it would wait forever on EVICT. */
-		set_error(pc, "cannot start the agent thread: %s", strerror(rc));
+		/* The daemon holds the session; without our threads it could not evict nor survive. */
+		set_error(pc, "cannot start the agent and keeper threads: %s", strerror(-rc));
 		pthread_mutex_unlock(&pc->lock);
 		predicomp_client_stop(pc);
-		return -rc;
+		return rc;
 	}
-	pc->agent_running = 1;
 #else
-	close(fd); /* nobody here would watch it; the daemon's copy is the session */
+	close_fds(fds, nfds); /* nothing is ever evicted: the daemon's death costs us nothing */
+	close(fd);            /* nobody here would watch it; the daemon's copy is the session */
 #endif
 out:
 	pthread_mutex_unlock(&pc->lock);
@@ -723,12 +406,31 @@ int predicomp_client_prefetch(struct predicomp_client *pc, void *addr, size_t le
 		rc = -EINVAL;
 		goto out;
 	}
+	if (pc->link != LINK_UP) {
+		rc = 0; /* a hint: without a daemon, faults bring pages back anyway */
+		goto out;
+	}
 	p = (struct pcp_prefetch){.addr = lo, .length = hi - lo};
-	rc = send_frame(pc, PCP_PREFETCH, &p, sizeof p, -1);
+	rc = send_frame(pc, pc->sock, PCP_PREFETCH, &p, sizeof p, NULL, 0);
+	if (rc == -EPIPE || rc == -ECONNRESET)
+		rc = 0; /* the daemon just went: the keeper takes over */
 out:
 	pthread_mutex_unlock(&pc->lock);
 	return rc;
 }
+
+#ifndef PREDICOMP_CLIENT_NO_AGENT
+static int wait_link_not(struct predicomp_client *pc, enum link_state l, int seconds)
+{
+	struct timespec deadline;
+	clock_gettime(CLOCK_REALTIME, &deadline);
+	deadline.tv_sec += seconds;
+	while (pc->link == l)
+		if (pthread_cond_timedwait(&pc->cond, &pc->lock, &deadline) == ETIMEDOUT)
+			return -ETIMEDOUT;
+	return 0;
+}
+#endif
 
 int predicomp_client_stop(struct predicomp_client *pc)
 {
@@ -741,31 +443,42 @@ int predicomp_client_stop(struct predicomp_client *pc)
 		rc = pc->state == ST_OPEN ? -ENOTCONN : 0;
 		goto out;
 	}
-	rc = send_frame(pc, PCP_STOP, NULL, 0, -1);
 #ifndef PREDICOMP_CLIENT_NO_AGENT
-	{
-		struct timespec deadline;
-		clock_gettime(CLOCK_REALTIME, &deadline);
-		deadline.tv_sec += STOP_TIMEOUT_S;
-		while (!rc && !pc->stop_acked && !pc->ended_errno)
-			if (pthread_cond_timedwait(&pc->cond, &pc->lock, &deadline) == ETIMEDOUT)
-				rc = -ETIMEDOUT;
-		if (!rc && !pc->stop_acked)
-			rc = -pc->ended_errno;
+	if (pc->link == LINK_UP) {
+		rc = send_frame(pc, pc->sock, PCP_STOP, NULL, 0, NULL, 0);
+		if (!rc)
+			rc = wait_link_not(pc, LINK_UP, STOP_TIMEOUT_S);
+		else
+			rc = 0; /* the daemon just went: the keeper settles below */
+	} else {
+		rc = 0;
 	}
+	if (!rc && pc->link == LINK_LOST) {
+		/* no daemon: the keeper gives every page back itself */
+		pc->stop_alone = 1;
+		keeper_poke(pc);
+		rc = wait_link_not(pc, LINK_LOST, STOP_TIMEOUT_S);
+		if (!rc)
+			rc = pc->stop_alone_rc;
+	}
+	if (!rc && !pc->stop_acked && pc->ended_errno && !pc->stop_alone)
+		rc = -pc->ended_errno;
 #else
+	rc = send_frame(pc, pc->sock, PCP_STOP, NULL, 0, NULL, 0);
 	if (!rc) {
 		char buf[512 + PCP_MAX_ERR_TEXT];
 		struct pcp_header h;
 		int len;
 		set_timeout(pc->sock, STOP_TIMEOUT_S);
-		len = recv_frame(pc->sock, &h, buf, sizeof buf);
+		len = recv_frame(pc->sock, &h, buf, sizeof buf, NULL, NULL, 0);
 		if (len < 0)
 			rc = len;
 		else if (h.type == PCP_ERR)
 			rc = decode_err(pc, buf, len);
 		else if (h.type != PCP_ACK)
 			rc = -EPROTO;
+		else
+			pc->stop_acked = 1;
 	}
 #endif
 	if (rc && rc != -ETIMEDOUT)
@@ -786,12 +499,25 @@ int predicomp_client_close(struct predicomp_client *pc)
 	if (rc == -ETIMEDOUT)
 		return rc; /* the agent may still be answering: keep everything alive */
 	shutdown(pc->sock, SHUT_RDWR);
+	pthread_mutex_lock(&pc->lock);
+	if (pc->link != LINK_ENDED)
+		pc->link = LINK_ENDED; /* the threads leave */
+	pthread_cond_broadcast(&pc->cond);
+	pthread_mutex_unlock(&pc->lock);
 #ifndef PREDICOMP_CLIENT_NO_AGENT
+	keeper_poke(pc);
 	if (pc->agent_running)
 		pthread_join(pc->agent, NULL);
+	if (pc->keeper_running)
+		pthread_join(pc->keeper, NULL);
 #endif
 	if (pc->uffd >= 0)
 		close(pc->uffd);
+	if (pc->store_fd >= 0)
+		close(pc->store_fd);
+	unmap_fence(pc);
+	if (pc->keeper_efd >= 0)
+		close(pc->keeper_efd);
 	if (pc->staging)
 		munmap(pc->staging, PCP_STAGING_PAGES * PAGE);
 	close(pc->sock);
@@ -808,13 +534,28 @@ int predicomp_client_session_id(struct predicomp_client *pc, uint64_t *id)
 		return -EINVAL;
 	if (pc->state == ST_OPEN)
 		return -ENOTCONN;
+	pthread_mutex_lock(&pc->lock);
 	*id = pc->session_id;
+	pthread_mutex_unlock(&pc->lock);
 	return 0;
 }
 
 int predicomp_client_has_agent(struct predicomp_client *pc)
 {
 	return pc ? pc->has_agent : -EINVAL;
+}
+
+int predicomp_client_stats(struct predicomp_client *pc, struct predicomp_client_stats *out)
+{
+	if (!pc || !out)
+		return -EINVAL;
+	pthread_mutex_lock(&pc->lock);
+	*out = (struct predicomp_client_stats){.takeovers = pc->takeovers,
+					       .agent_faults = pc->agent_faults,
+					       .resumes = pc->resumes,
+					       .alone = pc->link == LINK_LOST};
+	pthread_mutex_unlock(&pc->lock);
+	return 0;
 }
 
 const char *predicomp_client_last_error(struct predicomp_client *pc)
