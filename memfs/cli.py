@@ -43,15 +43,21 @@ def cmd_serve(args) -> int:
 
     async def main():
         daemon = Daemon(args.socket, config)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(daemon.serve)
-            if args.mount:
-                await nursery.start(serve_fs, daemon, args.mount, args.allow_other)
+        stop = trio.Event()  # SIGINT, SIGTERM, or the mount unmounted from outside
+
+        async def on_signals():
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
                     log.warning("%s: shutting down", signal.Signals(signum).name)
-                    await daemon.shutdown()
-                    break
+                    stop.set()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.serve)
+            if args.mount:
+                await nursery.start(serve_fs, daemon, args.mount, args.allow_other, stop.set)
+            nursery.start_soon(on_signals)
+            await stop.wait()
+            await daemon.shutdown()
             nursery.cancel_scope.cancel()
 
     try:

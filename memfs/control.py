@@ -7,8 +7,10 @@
 
 One command per write.  Errors are OSError with the errno the shell shows:
 EINVAL (unknown verb, malformed selector, several commands), ERANGE
-(selector outside the pages), EAGAIN (bytes=N done only in part),
-EOPNOTSUPP (evict in a wp-only session), ESRCH (the session has ended).
+(selector outside the pages), EAGAIN (bytes=N done only in part, or evict
+freed fewer pages than it was asked to), ETIMEDOUT (the target's agent did
+not answer), EOPNOTSUPP (evict in a wp-only session), ESRCH (the session
+has ended).
 """
 from __future__ import annotations
 
@@ -58,6 +60,9 @@ async def run_on_session(session, cmd: Command, range_index: int | None = None,
         sel = selection.Selector("bytes", nbytes=max_pages * selection.PAGE_SIZE)
     runs, wanted = selection.resolve(sel, session.native, cmd.verb, range_index,
                                      cold_age_ms=session.config.get("cold_age_ms"))
+    if not wanted and cmd.verb == "evict":
+        # every page there is to free is asked for; fewer freed is EAGAIN, as memory.reclaim
+        wanted = session.native.count(runs, selection.CANDIDATES["evict"].states)
     result = await op(runs) if runs else OpResult()
     if wanted and result.done < wanted:
         raise OSError(errno.EAGAIN, f"{cmd.verb}: {result.done} of {wanted} pages")
@@ -101,6 +106,7 @@ async def run_on_all(daemon, cmd: Command) -> OpResult:
         shares = _shares(sessions, cmd.verb, wanted)
     total = OpResult()
     errors: list[OSError] = []
+    short: list[OSError] = []  # sessions that did less than asked (EAGAIN)
 
     async def one(s):
         if shares is not None and not shares[s]:
@@ -110,8 +116,7 @@ async def run_on_all(daemon, cmd: Command) -> OpResult:
         except SessionEnded:
             pass  # it ended meanwhile: nothing to do there
         except OSError as e:
-            if e.errno != errno.EAGAIN:
-                errors.append(e)
+            (short if e.errno == errno.EAGAIN else errors).append(e)
 
     async with trio.open_nursery() as nursery:
         for s in sessions:
@@ -120,5 +125,7 @@ async def run_on_all(daemon, cmd: Command) -> OpResult:
         raise errors[0]
     if wanted and total.done < wanted:
         raise OSError(errno.EAGAIN, f"{cmd.verb}: {total.done} of {wanted} pages")
+    if short and not wanted:
+        raise short[0]
     return total
 

@@ -438,6 +438,11 @@ class NativeSession:
                 return [(out[i].range, out[i].first, out[i].count) for i in range(n)]
             cap *= 4
 
+    @_guarded
+    def count(self, runs: list[Run], states: int) -> int:
+        """Pages of the runs in `states` (a STATE_BITS mask)."""
+        return check(lib.mc_count(self._s, runs_array(runs), len(runs), states), "count")
+
     def clip(self, runs: list[Run]) -> list[Run]:
         """Those parts of runs that lie where pages ever had a state."""
         by_range: dict[int, list[tuple[int, int]]] = {}

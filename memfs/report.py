@@ -23,23 +23,31 @@ def latency(hist: list[int]) -> dict[str, int]:
     return {f"fault_latency_ns_{name}": core.percentile_ns(hist, q) for name, q in PERCENTILES}
 
 
-def proc_status(pid: int) -> dict[str, int]:
-    """The sizes in /proc/<pid>/status (VmRSS, RssAnon, VmHWM...), in bytes; {} if it is gone."""
+def _sizes(lines) -> dict[str, int]:
     out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                parts = rest.split()
-                if len(parts) == 2 and parts[1] == "kB":
-                    out[key] = int(parts[0]) * 1024
-    except OSError:
-        pass
+    for line in lines:
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if len(parts) == 2 and parts[1] == "kB":
+            out[key] = int(parts[0]) * 1024
     return out
 
 
-def rss_anon_bytes(pid: int) -> int:
-    return proc_status(pid).get("RssAnon", 0)
+def proc_status(pid: int) -> dict[str, int]:
+    """The sizes in /proc/<pid>/status (VmRSS, RssAnon, VmHWM...), in bytes; {} if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return _sizes(f)
+    except OSError:
+        return {}
+
+
+def rss_anon_bytes(session) -> int:
+    """The target's RssAnon, read only while it is the session's own process (its pidfd)."""
+    try:
+        return _sizes(session.peer.lines("status")).get("RssAnon", 0) if session.peer else 0
+    except OSError:
+        return 0
 
 
 def range_stat(info: core.RangeInfo) -> dict[str, int]:
@@ -63,7 +71,7 @@ def session_stat(session) -> dict[str, int]:
                 pages[state] += n
     out.update({f"pages_{state}": n for state, n in pages.items()})
     out["registered_bytes"] = registered
-    out["rss_anon_bytes"] = rss_anon_bytes(session.pid)
+    out["rss_anon_bytes"] = rss_anon_bytes(session)
     out["prefetch_hit_pct"] = 100 * out.get("prefetch_hits", 0) // max(1, out.get("prefetch_restored", 0))
     return out
 

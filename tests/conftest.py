@@ -79,8 +79,8 @@ async def fsd(tmp_path):
     from fsutil import FsDaemon
     started = []
 
-    async def start(*args, base=None):
-        d = FsDaemon(base or tmp_path, *args)
+    async def start(*args, base=None, wrap=()):
+        d = FsDaemon(base or tmp_path, *args, wrap=wrap)
         started.append(d)  # stopped at the end even if it fails to come up
         return await d.start()
 

@@ -22,7 +22,8 @@ def is_mounted(path: Path) -> bool:
 
 
 class FsDaemon:
-    def __init__(self, tmp: Path, *args: str):
+    def __init__(self, tmp: Path, *args: str, wrap: tuple[str, ...] = ()):
+        self.wrap = wrap  # a command the daemon runs under (prlimit ...)
         self.mnt = tmp / "mnt"
         self.sock = str(tmp / "memfs.sock")
         self.log = tmp / "daemon.log"  # appended to: a daemon started again on the same base adds to it
@@ -35,7 +36,7 @@ class FsDaemon:
         env = dict(os.environ, MEMFS_NO_BOOTSTRAP="1")
         self._logf = open(self.log, "ab")
         self.proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "memfs", "serve", "--socket", self.sock, "--mount", str(self.mnt),
+            [*self.wrap, sys.executable, "-m", "memfs", "serve", "--socket", self.sock, "--mount", str(self.mnt),
              "-v", *self.args], env=env, cwd=str(ROOT), stdout=self._logf, stderr=subprocess.STDOUT)
         with trio.fail_after(30):
             while not (is_mounted(self.mnt) and os.path.exists(self.mnt / "version")):

@@ -57,8 +57,11 @@ def prepare_mountpoint(path: str) -> None:
         raise OSError(errno.EBUSY, f"{path}: {fstype} is mounted there")
 
 
-async def serve_fs(daemon, mountpoint: str, allow_other: bool = False, *,
+async def serve_fs(daemon, mountpoint: str, allow_other: bool = False, on_unmounted=lambda: None, *,
                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the filesystem until cancelled; if it is unmounted from outside
+    (fusermount3 -u, lazy or not), call on_unmounted: the daemon's stop request,
+    as s3ql and sshfs take it."""
     prepare_mountpoint(mountpoint)
     ops = Operations(Tree(daemon, allow_other))
     options = {"fsname=memfs", "subtype=memfs", "nosuid", "nodev", "noexec"}
@@ -69,6 +72,8 @@ async def serve_fs(daemon, mountpoint: str, allow_other: bool = False, *,
     try:
         task_status.started()
         await pyfuse3.main()
+        log.warning("%s was unmounted: stopping", mountpoint)
+        on_unmounted()
     finally:
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", mountpoint)

@@ -28,11 +28,11 @@ def fuse_error(e: int) -> pyfuse3.FUSEError:
 class Handle:
     """One open file: its node, its opener and what it has read so far."""
 
-    def __init__(self, tree, key, kind, uid: int):
+    def __init__(self, tree, key, kind, opener):
         self.tree = tree
         self.key = key
         self.kind = kind
-        self.uid = uid
+        self.opener = opener  # tree.Opener: pid, uid, gid
         self.session = tree.session(key[1]) if key[0] in ("s", "sconfig", "r") else None
         self.snapshot: bytes | None = None
         self.generation = -1
@@ -46,7 +46,7 @@ class FileKind:
     mode = 0o444
     readable = True
     writable = False
-    owner_readable = False  # pages, data, trace: root and the session's owner only
+    reveals_memory = False  # pages, data, trace: the rule of /proc/<pid>/mem (Tree.check_open)
     nonseekable = False
 
     def size(self, tree, key) -> int:
@@ -167,7 +167,7 @@ class Pages(FileKind):
     range is produced on demand."""
 
     mode = 0o400
-    owner_readable = True
+    reveals_memory = True
 
     @staticmethod
     def geometry(npages: int) -> tuple[int, int]:
@@ -206,7 +206,7 @@ class Data(FileKind):
     faulting the target or changing any page (native mc_read_data)."""
 
     mode = 0o400
-    owner_readable = True
+    reveals_memory = True
 
     def size(self, tree, key):
         return tree.range_info(key[1], key[2]).length
@@ -224,13 +224,27 @@ class Data(FileKind):
         return data[off - first * PAGE_SIZE:end - first * PAGE_SIZE]
 
 
+def signal_pending(pid: int) -> bool:
+    """Is a signal waiting to be delivered to pid (it is blocked in a read of ours)?"""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(int(line.split()[1], 16) for line in f if line.startswith(("SigPnd:", "ShdPnd:")))
+    except (OSError, ValueError, IndexError):
+        return True  # gone: nobody waits
+
+
 class Trace(FileKind):
     """Live events, one line each; a read waits for new ones.  A reader
     that falls behind the ring (2048 events per session) is told how many
-    it missed."""
+    it missed.  pyfuse3 passes on no FUSE interrupt, and the kernel waits
+    for the answer to a read it already handed us, so a waiting read looks
+    every WAIT_SECONDS whether its process has a signal pending (Ctrl-C,
+    timeout(1), kill), and then ends (end of file) so that it is delivered."""
+
+    WAIT_SECONDS = 0.25
 
     mode = 0o400
-    owner_readable = True
+    reveals_memory = True
     nonseekable = True
 
     async def read(self, h, off, size):
@@ -245,7 +259,9 @@ class Trace(FileKind):
                       for _, ts, kind, r, p, n, lat, tid in events]
             h.pending = "".join(lines).encode()
             if not h.pending:
-                with trio.move_on_after(1):  # an event just before the wait is found next time
+                if signal_pending(h.opener.pid):
+                    return b""
+                with trio.move_on_after(self.WAIT_SECONDS):  # an event just before the wait is found next time
                     await s.wait_activity()
         out, h.pending = h.pending[:size], h.pending[size:]
         return out

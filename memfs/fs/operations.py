@@ -16,7 +16,7 @@ import pyfuse3
 import trio
 
 from .files import Handle
-from .tree import Tree
+from .tree import Opener, Tree
 
 log = logging.getLogger("memfs.fs")
 
@@ -86,7 +86,7 @@ class Operations(pyfuse3.Operations):
         key = self.inodes.key(inode)
         if fields.update_size and attr.st_size == 0 and not (
                 fields.update_mode or fields.update_uid or fields.update_gid):
-            self.tree.check_open(key, os.O_WRONLY, ctx.uid)
+            self.tree.check_open(key, os.O_WRONLY, Opener.of(ctx))
             return self.tree.attributes(key)
         raise pyfuse3.FUSEError(errno.EPERM)
 
@@ -99,7 +99,7 @@ class Operations(pyfuse3.Operations):
 
     @guarded
     async def access(self, inode, mode, ctx):
-        return self.tree.check_access(self.inodes.key(inode), mode, ctx.uid)
+        return self.tree.check_access(self.inodes.key(inode), mode, Opener.of(ctx))
 
     # -- directories ---------------------------------------------------------------
     @guarded
@@ -134,8 +134,8 @@ class Operations(pyfuse3.Operations):
         key = self.inodes.key(inode)
         if self.tree.is_dir(key):
             raise pyfuse3.FUSEError(errno.EISDIR)
-        kind = self.tree.check_open(key, flags, ctx.uid)
-        fh = self._fh(Handle(self.tree, key, kind, ctx.uid), self._handles)
+        kind = self.tree.check_open(key, flags, Opener.of(ctx))
+        fh = self._fh(Handle(self.tree, key, kind, Opener.of(ctx)), self._handles)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=kind.nonseekable)
 
     @guarded

@@ -21,10 +21,12 @@ import errno
 import os
 import stat
 import time
+from dataclasses import dataclass
 
 import pyfuse3
 
 from ..config import SETTINGS
+from ..peer import may_read_memory
 from . import files
 
 ROOT = ("root",)
@@ -206,38 +208,52 @@ class Tree:
             kind = self.file(key)
             a.st_mode = stat.S_IFREG | kind.mode
             a.st_size = kind.size(self, key)
-            if kind.owner_readable:
+            if kind.reveals_memory:
                 a.st_uid = self.session(key[1]).uid
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = when
         a.st_blksize = 4096
         a.st_blocks = 0
         return a
 
-    def check_open(self, key, flags: int, uid: int) -> files.FileKind:
+    def check_open(self, key, flags: int, who: "Opener") -> files.FileKind:
         """Who may open what: read-only files refuse writes (EACCES, root too);
         control and config files take writes from root only; pages, data and
-        trace are readable by root and the session's owner only."""
+        trace follow the rule of /proc/<pid>/mem, decided now against the live
+        target (memfs(5), SECURITY)."""
         kind = self.file(key)
         acc = flags & os.O_ACCMODE
         reading = acc in (os.O_RDONLY, os.O_RDWR)
         writing = acc in (os.O_WRONLY, os.O_RDWR) or flags & os.O_TRUNC
         if writing and not kind.writable or reading and not kind.readable:
             raise pyfuse3.FUSEError(errno.EACCES)
-        if uid != 0:
-            if writing:
-                raise pyfuse3.FUSEError(errno.EACCES)
-            if kind.owner_readable and uid != self.session(key[1]).uid:
+        if writing and who.uid != 0:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        if kind.reveals_memory:
+            s = self.session(key[1])
+            if s.peer is None or not may_read_memory(s.peer, who.pid, who.uid, who.gid):
                 raise pyfuse3.FUSEError(errno.EACCES)
         return kind
 
-    def check_access(self, key, mode: int, uid: int) -> bool:
+    def check_access(self, key, mode: int, who: "Opener") -> bool:
         if self.is_dir(key) or key[0] == "link":
             return not mode & os.W_OK
         flags = os.O_RDWR if mode & os.R_OK and mode & os.W_OK else os.O_WRONLY if mode & os.W_OK else os.O_RDONLY
         if mode & os.X_OK:
             return False
         try:
-            self.check_open(key, flags, uid)
+            self.check_open(key, flags, who)
         except pyfuse3.FUSEError:
             return False
         return True
+
+
+@dataclass(frozen=True)
+class Opener:
+    """Who asks (a FUSE request's process and file system ids)."""
+    pid: int
+    uid: int
+    gid: int
+
+    @classmethod
+    def of(cls, ctx) -> "Opener":
+        return cls(ctx.pid, ctx.uid, ctx.gid)

@@ -131,10 +131,19 @@ static const uint32_t *chunk(const struct alone *a, uint32_t c)
 	return at(a, PCS_CHUNKS_OFF + (uint64_t)c * PCS_CHUNK, PCS_CHUNK);
 }
 
+/* A range's directory: consecutive chunks from r->dir, one uint32 per 4096 pages. */
+static const uint32_t *directory(const struct alone *a, const struct alone_range *r)
+{
+	uint64_t ndir = (r->npages + PCS_ENTRIES_PER_CHUNK - 1) / PCS_ENTRIES_PER_CHUNK;
+	if (!r->dir || r->dir >= a->hdr->nchunks)
+		return NULL;
+	return at(a, PCS_CHUNKS_OFF + (uint64_t)r->dir * PCS_CHUNK, ndir * sizeof(uint32_t));
+}
+
 /* The page's entry, or NULL (untouched as far as the store knows). */
 static const struct pcs_page *entry(const struct alone *a, const struct alone_range *r, uint64_t idx)
 {
-	const uint32_t *dir = chunk(a, r->dir);
+	const uint32_t *dir = directory(a, r);
 	const struct pcs_page *e;
 	if (!dir || idx >= r->npages)
 		return NULL;
@@ -474,7 +483,7 @@ static int settle(struct predicomp_client *pc)
 	for (uint32_t i = 0; i < a->nranges; i++) {
 		struct alone_range *r = &a->ranges[i];
 		struct uffdio_range ur = {.start = r->start, .len = r->npages * PAGE};
-		const uint32_t *dir = chunk(a, r->dir);
+		const uint32_t *dir = directory(a, r);
 		if (!r->live)
 			continue;
 		for (uint64_t idx = 0; dir && idx < r->npages; idx++) {

@@ -127,7 +127,7 @@ static int import_range(struct mc_session *s, struct old_store *o, struct range 
 
 	if (!rc && !chunk_ok(o, old->dir))
 		rc = -EINVAL;
-	if (!rc)
+	if (!rc) /* consecutive chunks from old->dir; read_at checks the file holds them */
 		rc = read_at(o, dir, ndir * sizeof *dir, PCS_CHUNKS_OFF + (uint64_t)old->dir * PCS_CHUNK);
 	for (uint64_t k = 0; !rc && k < ndir; k++) {
 		if (!dir[k])

@@ -56,7 +56,7 @@ void page_commit(struct pcs_page *p, const struct pcs_page *v)
 }
 
 /* A dead range's directory: no entries, and none are made (page_get). */
-static uint32_t no_dir[PCS_DIR_ENTRIES];
+static uint32_t no_dir[PCS_MAX_RANGE_PAGES / PCS_ENTRIES_PER_CHUNK];
 
 struct pcs_page *page_get(struct mc_session *s, struct range *r, uint64_t idx)
 {
@@ -107,7 +107,8 @@ int range_add(struct mc_session *s, uint64_t addr, uint64_t npages, uint32_t fla
 {
 	struct pcs_range *tab = (struct pcs_range *)(s->st.base + PCS_RANGES_OFF);
 	struct range *r;
-	uint32_t dir;
+	uint32_t dir, ndir = (uint32_t)((npages + PCS_ENTRIES_PER_CHUNK - 1) / PCS_ENTRIES_PER_CHUNK);
+	uint32_t dir_chunks = (ndir + PCS_DIR_PER_CHUNK - 1) / PCS_DIR_PER_CHUNK;
 
 	if (index >= MAX_RANGES || (s->ranges[index] && s->ranges[index]->live))
 		return -EEXIST;
@@ -124,7 +125,7 @@ int range_add(struct mc_session *s, uint64_t addr, uint64_t npages, uint32_t fla
 		if (!r)
 			return -ENOMEM;
 	}
-	dir = store_new_chunk(s);
+	dir = store_new_chunks(s, dir_chunks);
 	if (!dir) {
 		if (!s->ranges[index])
 			free(r);
@@ -137,9 +138,10 @@ int range_add(struct mc_session *s, uint64_t addr, uint64_t npages, uint32_t fla
 			    .born_ms = born_ms,
 			    .live = true,
 			    .dir = chunk_ptr(s, dir),
+			    .ndir = dir_chunks,
 			    .pub = &tab[index]};
 	r->nstate[MC_UNTOUCHED] = npages;
-	s->c.index_bytes += PCS_CHUNK;
+	s->c.index_bytes += (uint64_t)dir_chunks * PCS_CHUNK;
 	/* the reader finds a range by npages != 0: that goes last */
 	r->pub->start = addr;
 	r->pub->dir = dir;
@@ -189,8 +191,9 @@ void range_retire(struct mc_session *s, struct range *r)
 		store_free_chunk(s, c);
 		s->c.index_bytes -= PCS_CHUNK;
 	}
-	store_free_chunk(s, r->pub->dir);
-	s->c.index_bytes -= PCS_CHUNK;
+	for (uint32_t k = 0; k < r->ndir; k++)
+		store_free_chunk(s, r->pub->dir + k);
+	s->c.index_bytes -= (uint64_t)r->ndir * PCS_CHUNK;
 	r->pub->dir = 0;
 	r->dir = no_dir;
 	r->live = false;

@@ -272,3 +272,27 @@ size_t mc_trace_read(struct mc_session *s, uint64_t *cursor, struct mc_trace_eve
 	pthread_mutex_unlock(&s->lock);
 	return n;
 }
+
+/* Pages of the runs in `state_mask` states (untouched ones only if asked for). */
+int64_t mc_count(struct mc_session *s, const struct mc_run *runs, size_t nruns, uint32_t state_mask)
+{
+	int64_t n = 0;
+	pthread_mutex_lock(&s->lock);
+	for (size_t i = 0; i < nruns; i++) {
+		struct range *r = range_get(s, runs[i].range);
+		uint64_t end;
+		if (!r || runs[i].first >= r->npages)
+			continue;
+		end = runs[i].count > r->npages - runs[i].first ? r->npages : runs[i].first + runs[i].count;
+		for (uint64_t j = runs[i].first; j < end; j++) {
+			struct pcs_page *p = page_at(s, r, j);
+			if (!p && !((state_mask >> MC_UNTOUCHED) & 1)) {
+				j = (j / PCS_ENTRIES_PER_CHUNK + 1) * PCS_ENTRIES_PER_CHUNK - 1;
+				continue;
+			}
+			n += (state_mask >> page_state(p)) & 1;
+		}
+	}
+	pthread_mutex_unlock(&s->lock);
+	return n;
+}

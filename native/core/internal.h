@@ -48,7 +48,8 @@ struct range {
 	uint32_t flags;
 	uint32_t born_ms; /* stamp of pages never touched */
 	bool live;
-	uint32_t *dir;         /* in the store */
+	uint32_t *dir;         /* in the store (ndir consecutive chunks from pub->dir) */
+	uint32_t ndir;
 	struct pcs_range *pub; /* its entry in the store's range table */
 	uint64_t nstate[MC_NSTATES];
 	uint64_t bytes_compressed;
@@ -160,6 +161,7 @@ uint64_t store_alloc(struct mc_session *s, uint32_t len, void **ptr);
 void store_free(struct mc_session *s, uint64_t handle, uint32_t len);
 uint32_t store_slot_size(uint32_t len);
 uint32_t store_new_chunk(struct mc_session *s); /* a zeroed chunk (index, directory); 0: none left */
+uint32_t store_new_chunks(struct mc_session *s, uint32_t n); /* n consecutive ones: the first */
 void store_free_chunk(struct mc_session *s, uint32_t c);
 static inline void *store_ptr(const struct mc_session *s, uint64_t handle)
 {

@@ -148,6 +148,7 @@ struct mc_tunables {
 	uint32_t debug_prefetch_delay_us; /* TESTS ONLY: a prefetch waits this long between
 					   * checking a batch and copying it in */
 	uint32_t follow_fault_cpu;    /* fault thread moves to the CPU of the thread that faults */
+	uint32_t debug_fail_ioctl;    /* TESTS ONLY: uffd ioctls of these kinds (1 << MC_IOCTL_*) fail, EINVAL */
 	uint64_t store_cap_bytes; /* the stores take no new blob beyond this (UINT64_MAX: no limit) */
 };
 
@@ -283,6 +284,7 @@ int mc_note_access(struct mc_session *s, const struct mc_run *runs, size_t nruns
 
 /* inspection */
 int64_t mc_indexed(struct mc_session *s, int32_t range, struct mc_run *out, size_t cap);
+int64_t mc_count(struct mc_session *s, const struct mc_run *runs, size_t nruns, uint32_t state_mask);
 int64_t mc_select(struct mc_session *s, int32_t range, uint32_t state_mask, uint32_t min_age_ms,
 		  uint32_t skip_flags, uint64_t max_pages, int order, struct mc_run *out, size_t cap,
 		  uint64_t *npages);

@@ -212,11 +212,16 @@ static void note_failure(struct mc_session *s, unsigned long req, const void *ar
 
 int uffd_ioctl(struct mc_session *s, unsigned long req, void *arg)
 {
+	int e, k;
 	if (answer_issued_ns && !*answer_issued_ns)
 		*answer_issued_ns = now_ns();
-	if (ioctl(s->uffd, req, arg) == 0)
+	k = tun.debug_fail_ioctl ? ioctl_kind(req) : -1;
+	if (k >= 0 && (tun.debug_fail_ioctl >> k & 1))
+		e = EINVAL; /* a failure made on purpose, for the tests of what follows one */
+	else if (ioctl(s->uffd, req, arg) == 0)
 		return 0;
-	int e = errno;
+	else
+		e = errno;
 	if (e == EAGAIN) {
 		s->c.uffd_eagain++;
 	} else if (e == ESRCH || e == ENOENT) {
@@ -426,7 +431,7 @@ int mc_range_add(struct mc_session *s, uint64_t addr, uint64_t length, uint32_t 
 	if (rc) {
 		snprintf(errbuf, errlen, "range %d (0x%llx+%llu): %s", index, (unsigned long long)addr,
 			 (unsigned long long)length,
-			 rc == -EFBIG ? "larger than 256 GiB" : rc == -ENOSPC ? "the store is full" : strerror(-rc));
+			 rc == -EFBIG ? "larger than user space" : rc == -ENOSPC ? "the store is full" : strerror(-rc));
 		return rc;
 	}
 	rc = ioctl(s->uffd, UFFDIO_REGISTER, &reg) ? -errno : (reg.ioctls & need) != need ? -EOPNOTSUPP : 0;

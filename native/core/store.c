@@ -206,6 +206,25 @@ uint32_t store_new_chunk(struct mc_session *s)
 	return c; /* fresh or punched: zeros */
 }
 
+uint32_t store_new_chunks(struct mc_session *s, uint32_t n)
+{
+	struct store *st = &s->st;
+	uint32_t c = 0;
+	if (n == 1)
+		return store_new_chunk(s);
+	pthread_mutex_lock(&st->lock);
+	if (st->next_chunk + n <= st->nchunks) { /* only never-used ones are sure to be consecutive */
+		c = (uint32_t)st->next_chunk;
+		st->next_chunk += n;
+		for (uint32_t i = 0; i < n; i++)
+			st->cm[c + i] = (struct chunk_meta){.cls = CLASS_INDEX};
+		st->index_chunks += n;
+		global_add(&G.index_bytes, (int64_t)n * PCS_CHUNK);
+	}
+	pthread_mutex_unlock(&st->lock);
+	return c;
+}
+
 void store_free_chunk(struct mc_session *s, uint32_t c)
 {
 	struct store *st = &s->st;

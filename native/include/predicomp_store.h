@@ -41,8 +41,8 @@
 #define PCS_PAGE 4096u
 #define PCS_CHUNK (64u * 1024u)                   /* the unit of allocation in the file */
 #define PCS_ENTRIES_PER_CHUNK (PCS_CHUNK / 16u)    /* page entries in an index chunk: 4096 */
-#define PCS_DIR_ENTRIES (PCS_CHUNK / 4u)           /* index chunks a directory names: 16384 */
-#define PCS_MAX_RANGE_PAGES ((uint64_t)PCS_DIR_ENTRIES * PCS_ENTRIES_PER_CHUNK) /* 256 GiB */
+#define PCS_DIR_PER_CHUNK (PCS_CHUNK / 4u)         /* directory entries in a chunk: 16384 */
+#define PCS_MAX_RANGE_PAGES (1ull << 35)           /* 128 TiB, all of user space */
 #define PCS_BLOB_ALIGN 32u                         /* a blob's offset is a multiple of this */
 #define PCS_JOURNAL_MSGS 64                        /* struct uffd_msg, 32 bytes each */
 #define PCS_MAX_SLOTS 65536
@@ -81,7 +81,8 @@ struct pcs_page {
 struct pcs_range {
 	uint64_t start;   /* the range's address now (mremap moves it) */
 	uint64_t npages;  /* 0: an unused entry */
-	uint32_t dir;     /* chunk holding its directory: uint32 index chunk per 4096 pages (0: none yet) */
+	uint32_t dir;     /* first chunk of its directory (consecutive chunks, as many as it needs):
+			   * a uint32 index chunk per 4096 pages, 0: none yet */
 	uint32_t flags;   /* PCP_RANGE_* */
 	uint32_t born_ms; /* the stamp of pages never touched */
 	uint32_t reserved[9];

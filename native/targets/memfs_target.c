@@ -57,6 +57,7 @@
 #include <sched.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -520,10 +521,12 @@ int main(int argc, char **argv)
 			tick_ns = hz ? 1000000000ull / hz : 0;
 		} else if (!strcmp(argv[i], "--no-start"))
 			start = 0;
+		else if (!strcmp(argv[i], "--no-dump"))
+			prctl(PR_SET_DUMPABLE, 0); /* as a program holding secrets does: /proc/PID/mem closes */
 		else {
 			fprintf(stderr, "usage: %s [--mb N] [--pattern mixed|text|ints|random|zero|none] "
 					"[--data FILE] [--seed S] [--socket PATH] [--ranges K] [--tick-hz HZ] "
-					"[--no-start]\n",
+					"[--no-start] [--no-dump]\n",
 				argv[0]);
 			return 2;
 		}
