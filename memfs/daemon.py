@@ -21,6 +21,7 @@ import trio
 
 from . import core, protocol
 from .access import AccessMonitor
+from .counters import COUNTERS, Kind, counter
 from .config import Config
 from .events import EventCounts
 from .limits import UserLimits, raise_nofile
@@ -34,11 +35,6 @@ WATCH_SECONDS = 0.25  # how often the fault threads' own news (restore failures)
 SHUTDOWN_SECONDS = 60
 IOCTL_LOG_SECONDS = 10  # a session's failing uffd ioctl is logged at most this often (per ioctl)
 ACCEPT_BACKOFF = (0.01, 1.0)  # out of descriptors: wait this long before accepting again, doubling
-# Counters that are levels, not totals: an ended session stops contributing.
-LEVEL_COUNTERS = {"store_pages", "store_pages_recompressed", "store_bytes_logical", "store_bytes_compressed",
-                  "store_bytes_used", "store_bytes_peak", "fault_latency_ns_max"}
-# A session's own settings, meaningless summed over sessions.
-SESSION_ONLY = {"policy_cold_age_ms", "promotion_rate_ppm", "sampler_regions"}
 
 
 class Daemon:
@@ -52,7 +48,6 @@ class Daemon:
         self._ioctl_logged: dict[tuple[int, str], float] = {}
         self.limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
         self.ended_totals: Counter = Counter()
-        self.ended_latency_max = 0
         self.ended_hist = [0] * core.HIST_BUCKETS
         self.events = EventCounts(GLOBAL_EVENTS)
         self.started = time.time()
@@ -78,35 +73,41 @@ class Daemon:
         if self.sessions.pop(s.id, None) is None:
             return
         for k, v in s.final_counters.items():
-            if k not in LEVEL_COUNTERS and k not in SESSION_ONLY:
+            c = counter(k)
+            if c.kind is Kind.TOTAL:
                 self.ended_totals[k] += v
-        self.ended_latency_max = max(self.ended_latency_max, s.final_counters.get("fault_latency_ns_max", 0))
+            elif c.kind is Kind.MAX:
+                self.ended_totals[k] = max(self.ended_totals[k], v)
         self.ended_hist = [a + b for a, b in zip(self.ended_hist, s.final_hist)]
         self.events.bump("sessions_ended")
         done, self._session_done = self._session_done, trio.Event()
         done.set()
 
     def counters(self) -> dict[str, int]:
-        """Daemon-wide counters: totals over all sessions ever, levels over live ones."""
-        out: Counter = Counter(self.ended_totals)
-        latency_max = self.ended_latency_max
+        """Daemon-wide counters, each summed as its kind says (memfs/counters.py):
+        totals and maxima over all sessions ever, levels over live ones; the
+        store's levels from the stores themselves."""
+        out: Counter = Counter()
+        for k, c in COUNTERS.items():
+            if c.scope == "session" or c.kind is Kind.VALUE:
+                continue
+            if c.kind in (Kind.TOTAL, Kind.MAX):
+                out[k] = self.ended_totals.get(k, 0)
+            else:
+                out[k] = 0
         for s in list(self.sessions.values()):
             for k, v in s.counters().items():
-                if k == "fault_latency_ns_max":
-                    latency_max = max(latency_max, v)
-                elif k not in SESSION_ONLY:
+                if k not in out:
+                    continue
+                if counter(k).kind is Kind.MAX:
+                    out[k] = max(out[k], v)
+                else:
                     out[k] += v
-        out["fault_latency_ns_max"] = latency_max
         st = core.store_stats()
-        result = {"sessions_active": len(self.sessions), "sessions_total": self.sessions_total}
-        result.update({k: v for k, v in out.items() if k != "store_bytes_peak"})
-        result.update({k: out.get(k, 0) for k in core.COUNTER_NAMES if k not in result and k != "store_bytes_peak"})
-        result["store_bytes_logical"] = out.get("store_bytes_logical", 0)
-        result["store_bytes_compressed"] = st["bytes_compressed"]
-        result["store_bytes_used"] = st["bytes_used"]
-        result["store_bytes_peak"] = st["bytes_peak"]
-        result["store_blobs"] = st["blobs"]
-        return result
+        out.update(sessions_active=len(self.sessions), sessions_total=self.sessions_total,
+                   store_bytes_compressed=st["bytes_compressed"], store_bytes_used=st["bytes_used"],
+                   store_bytes_peak=st["bytes_peak"], store_blobs=st["blobs"], index_bytes=st["index_bytes"])
+        return dict(out)
 
     def histogram(self) -> list[int]:
         """Fault latencies of all sessions ever."""

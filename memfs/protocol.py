@@ -131,6 +131,24 @@ class Frame:
     type: int
     seq: int
     body: object = None
+    taken: bool = False  # its descriptors were handed on: whoever took them closes them
+
+    def fds(self) -> list[int]:
+        if self.type == START:
+            return [self.body.fd]
+        if self.type == RESUME:
+            return [self.body.uffd, self.body.store]
+        return []
+
+    def close_fds(self) -> None:
+        """Close the descriptors this frame carries, unless they were taken."""
+        if not self.taken:
+            for fd in self.fds():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self.taken = True
 
 
 def _exact(payload: bytes, st: struct.Struct, name: str, seq: int) -> tuple:

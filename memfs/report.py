@@ -6,13 +6,9 @@ this module only names and formats them, in one place.
 from __future__ import annotations
 
 from . import core
+from .counters import prometheus
 
 PERCENTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("p999", 0.999))
-# Counters that go up and never down (Prometheus "counter"); the rest are gauges.
-GAUGES = {"store_pages", "store_pages_recompressed", "store_bytes_logical", "store_bytes_compressed", "store_bytes_used",
-          "store_bytes_peak", "store_blobs", "fault_latency_ns_max", "sessions_active",
-          "rss_anon_bytes", "registered_bytes", "degraded", "store_chunks", "policy_cold_age_ms",
-          "promotion_rate_ppm", "sampler_regions", "prefetch_hit_pct"}
 
 
 def flat(values: dict) -> str:
@@ -87,11 +83,9 @@ def _escape(v: str) -> str:
 
 
 def _metric_name(name: str) -> tuple[str, str]:
-    """Prometheus name and type for a counter name."""
+    """Prometheus name and type for a stat name (session_NAME: a session's)."""
     base = name.removeprefix("session_")
-    if base in GAUGES or base.startswith(("pages_", "fault_latency_ns_p")):
-        return f"memfs_{name}", "gauge"
-    return f"memfs_{name}_total", "counter"
+    return prometheus(base, "memfs_session_" if name.startswith("session_") else "memfs_")
 
 
 def metrics(daemon) -> str:

@@ -56,6 +56,7 @@ USER_ADDR_LIMIT = 1 << 47
 SESSION_EVENTS = ("compress", "evict", "prefetch", "recompress", "prefetch_dropped", "restore_fail", "degraded",
                   "ended")
 MAX_FD_PER_RECV = 4  # the most descriptors a message carries is 2 (RESUME)
+RESUMED = ("takeovers", "agent_faults", "resumes")  # what a resumed target reports of its time alone
 
 
 class State(str, enum.Enum):
@@ -132,7 +133,7 @@ class Session:
         self.state = State.CONNECTING
         self.caps = 0
         self.registered = 0  # bytes counted against the user's limit
-        self.resumed = {"takeovers": 0, "agent_faults": 0, "resumes": 0}  # what a resumed target reported
+        self.resumed = dict.fromkeys(RESUMED, 0)  # what a resumed target reported
         self.native: NativeSession | None = None
         self.agent: AgentChannel | None = None
         self.pager: Pager | None = None
@@ -151,6 +152,7 @@ class Session:
         self._send_lock = trio.Lock()
         self._seq = 0
         self._reader = protocol.FrameReader()
+        self._frame: protocol.Frame | None = None  # the last one read: its descriptors until taken
         self._end = trio.Event()
         self._end_kind = ""
         self._end_error: protocol.ProtocolError | None = None
@@ -197,10 +199,15 @@ class Session:
         return bool(data)
 
     async def _next_frame(self) -> protocol.Frame | None:
-        """The next frame from the target, or None at the end of the stream."""
+        """The next frame from the target, or None at the end of the stream.  A frame's
+        descriptors are closed when the next one is read, or at the end, unless taken."""
+        if self._frame is not None:
+            self._frame.close_fds()
+            self._frame = None
         while True:
             fr = self._reader.next_frame()
             if fr is not None:
+                self._frame = fr
                 await self.daemon.limits.pace(self.uid)
                 return fr
             if not await self._recv():
@@ -275,6 +282,7 @@ class Session:
                     raise protocol.ProtocolError(errno.EINVAL, f"more than {protocol.MAX_FORGET_RUNS} FORGET runs", fr.seq)
             elif fr.type == protocol.START and not forget:
                 fd = fr.body.fd
+                fr.taken = True  # the native session's, or closed below
                 try:
                     self._check_indexes(ranges, hello, sequential=True, seq=fr.seq)
                     await self._start(hello, ranges, fr.body.uffd_features, fd, fr.seq)
@@ -284,6 +292,7 @@ class Session:
                     raise
                 return True
             elif fr.type == protocol.RESUME:
+                fr.taken = True  # closed below (the uffd: unless the native session took it)
                 try:
                     self._check_indexes(ranges, hello, sequential=False, seq=fr.seq)
                     return await self._resume(hello, ranges, forget, fr.body, fr.seq)
@@ -458,6 +467,8 @@ class Session:
             self.final_hist = self.native.histogram()
         self.state = State.ENDED
         self._reader.close_fds()
+        if self._frame is not None:
+            self._frame.close_fds()
         if self.native is not None:
             await trio.to_thread.run_sync(self.native.free)
         if self.registered or self.native is not None:

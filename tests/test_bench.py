@@ -95,3 +95,13 @@ def test_random_reads_prints_a_row_per_read_with_both_threads_cpu():
         assert float(fault_ms) > 0 and float(target_ms) > 0, r.stdout
         assert policy in ("idle", "other") and int(starved) >= 0, r.stdout
     assert "reads with over 1 % slow touches:" in r.stdout
+
+
+def test_socket_fuzz_leaves_the_daemon_as_it_found_it(tmp_path):
+    """bench/fuzz_socket.py, small: generated frames, then the daemon's descriptors and
+    memory as before and a good client served (the full run is 10^5 frames: bench/FUZZ.md)."""
+    out = tmp_path / "FUZZ.md"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "fuzz_socket.py"), "--frames", "5000", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "verdict: passed" in r.stdout and "| frames sent | " in out.read_text()

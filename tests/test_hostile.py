@@ -227,7 +227,7 @@ async def test_sessions_that_end_badly_leave_no_descriptor_behind(fsd, tmp_path)
     line, p = await run_attacker(d.sock, "leak", "30", user=None)
     await p.wait()
     got = fields(line)
-    assert got == {f"busy:{errno.EBUSY}": "30", f"fds:{errno.EINVAL}": "30"}, line
+    assert got == {f"busy:{errno.EBUSY}": "30", f"fds:{errno.EINVAL}": "30", f"restart:{errno.EPROTO}": "30"}, line
     await wait_for(lambda: fd_count(d.proc.pid) <= before, timeout=10)
 
 

