@@ -104,10 +104,11 @@ class Daemon:
                 else:
                     out[k] += v
         st = core.store_stats()
+        out = dict(out)  # (a Counter's update() adds)
         out.update(sessions_active=len(self.sessions), sessions_total=self.sessions_total,
                    store_bytes_compressed=st["bytes_compressed"], store_bytes_used=st["bytes_used"],
                    store_bytes_peak=st["bytes_peak"], store_blobs=st["blobs"], index_bytes=st["index_bytes"])
-        return dict(out)
+        return out
 
     def histogram(self) -> list[int]:
         """Fault latencies of all sessions ever."""

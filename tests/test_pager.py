@@ -52,6 +52,7 @@ async def test_evict_all_frees_memory_and_restores_every_byte(daemon, sock_path,
     assert c["store_pages"] == n and c["store_bytes_logical"] == 64 * MB
     assert 0 < c["store_bytes_compressed"] < c["store_bytes_logical"]
     assert c["store_bytes_used"] >= c["store_bytes_compressed"]
+    assert daemon.counters()["store_bytes_compressed"] == c["store_bytes_compressed"], "the top level sums once"
 
     ok, bad = await t.verify()
 

@@ -78,6 +78,7 @@ struct store {
 	uint32_t partial[PAGE / 32];
 	struct mc_store_stats st;
 	uint64_t index_chunks;
+	struct store *next; /* all stores (store.c) */
 };
 
 struct mc_session {

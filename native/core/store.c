@@ -9,9 +9,10 @@
  * entries, a range's directory, or blobs of one size class: blobs are
  * rounded up to a multiple of 32 bytes (128 classes up to one page) and a
  * slot may span the chunk's pages, so the only waste is the rounding and
- * each chunk's tail.  A blob chunk is handed out front to back, so
- * `bytes_used` counts the pages the store has actually touched; an empty
- * chunk has its pages punched out of the file at once.  The allocator's
+ * each chunk's tail and the slots of chunks not yet full.  A blob chunk's
+ * pages are mapped in one call when it is first used (cheaper than a shmem
+ * fault for each), so `bytes_used` counts whole chunks; an empty chunk has
+ * its pages punched out of the file at once.  The allocator's
  * bookkeeping is the daemon's alone (a reader needs none of it).
  *
  * The target gets a descriptor opened read-only, and the file's mode
@@ -47,11 +48,17 @@ struct chunk_meta {
 	uint16_t in_list;
 };
 
-/* What all sessions' stores hold together (the top-level stat, store_cap_bytes). */
+/*
+ * What all sessions' stores hold together: bytes_used (memory touched) is
+ * kept here, for store_cap_bytes and the peak, changing only when a chunk's
+ * touched pages do; the rest is summed over the stores when asked (a
+ * per-blob atomic shared by two workers cost 1 % of an eviction's CPU).
+ */
 static struct {
-	_Atomic uint64_t sessions, blobs, bytes_compressed, bytes_slots, bytes_used, bytes_peak, chunks,
-		index_bytes;
-} G;
+	_Atomic uint64_t bytes_used, bytes_peak;
+	pthread_mutex_t lock; /* the list of stores */
+	struct store *first;
+} G = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
 static inline uint32_t class_of(uint32_t len)
 {
@@ -144,7 +151,10 @@ int store_init(struct mc_session *s, uint64_t reserve)
 				       .session_id = s->id};
 	s->journal = (struct uffd_msg *)(st->base + PCS_JOURNAL_OFF);
 	s->slots = (struct pcs_slot *)(st->base + PCS_SLOTS_OFF);
-	global_add(&G.sessions, 1);
+	pthread_mutex_lock(&G.lock);
+	st->next = G.first;
+	G.first = st;
+	pthread_mutex_unlock(&G.lock);
 	return 0;
 }
 
@@ -152,13 +162,14 @@ void store_destroy(struct mc_session *s)
 {
 	struct store *st = &s->st;
 	if (st->base) {
-		global_add(&G.sessions, -1);
-		global_add(&G.blobs, -(int64_t)st->st.blobs);
-		global_add(&G.bytes_compressed, -(int64_t)st->st.bytes_compressed);
-		global_add(&G.bytes_slots, -(int64_t)st->st.bytes_slots);
+		pthread_mutex_lock(&G.lock);
+		for (struct store **p = &G.first; *p; p = &(*p)->next)
+			if (*p == st) {
+				*p = st->next;
+				break;
+			}
+		pthread_mutex_unlock(&G.lock);
 		global_add(&G.bytes_used, -(int64_t)st->st.bytes_used);
-		global_add(&G.chunks, -(int64_t)st->st.chunks);
-		global_add(&G.index_bytes, -(int64_t)st->index_chunks * PCS_CHUNK);
 		munmap(st->base, st->size);
 		st->base = NULL;
 	}
@@ -200,7 +211,6 @@ uint32_t store_new_chunk(struct mc_session *s)
 	if (c) {
 		st->cm[c] = (struct chunk_meta){.cls = CLASS_INDEX};
 		st->index_chunks++;
-		global_add(&G.index_bytes, PCS_CHUNK);
 	}
 	pthread_mutex_unlock(&st->lock);
 	return c; /* fresh or punched: zeros */
@@ -219,7 +229,6 @@ uint32_t store_new_chunks(struct mc_session *s, uint32_t n)
 		for (uint32_t i = 0; i < n; i++)
 			st->cm[c + i] = (struct chunk_meta){.cls = CLASS_INDEX};
 		st->index_chunks += n;
-		global_add(&G.index_bytes, (int64_t)n * PCS_CHUNK);
 	}
 	pthread_mutex_unlock(&st->lock);
 	return c;
@@ -230,7 +239,6 @@ void store_free_chunk(struct mc_session *s, uint32_t c)
 	struct store *st = &s->st;
 	pthread_mutex_lock(&st->lock);
 	st->index_chunks--;
-	global_add(&G.index_bytes, -(int64_t)PCS_CHUNK);
 	give_chunk(st, c);
 	pthread_mutex_unlock(&st->lock);
 }
@@ -259,11 +267,10 @@ static void list_push(struct store *st, uint32_t id)
 	c->in_list = 1;
 }
 
-/* The pages of the chunk the bump pointer has reached: what the chunk costs. */
+/* What a blob chunk costs: all of it (its pages are mapped at once when it is first used). */
 static uint64_t touched_bytes(const struct chunk_meta *c)
 {
-	uint64_t end = (uint64_t)c->bump * class_size(c->cls);
-	return (end + PAGE - 1) / PAGE * PAGE;
+	return c->bump ? PCS_CHUNK : 0;
 }
 
 static uint32_t grow(struct store *st, uint32_t cls)
@@ -279,7 +286,6 @@ static uint32_t grow(struct store *st, uint32_t cls)
 	c->nfree = c->nslots;
 	list_push(st, id);
 	st->st.chunks++;
-	global_add(&G.chunks, 1);
 	return id;
 }
 
@@ -289,6 +295,7 @@ uint64_t store_alloc(struct mc_session *s, uint32_t len, void **ptr)
 	uint32_t cls = class_of(len), id, slot;
 	struct chunk_meta *c;
 	uint64_t before, off, used;
+	bool fresh;
 
 	if (atomic_load(&G.bytes_used) >= tun.store_cap_bytes)
 		return 0; /* full: the page keeps living in the target */
@@ -301,6 +308,7 @@ uint64_t store_alloc(struct mc_session *s, uint32_t len, void **ptr)
 		return 0;
 	}
 	c = &st->cm[id];
+	fresh = c->bump == 0;
 	before = touched_bytes(c);
 	if (c->free_head != FREE_END) {
 		slot = c->free_head;
@@ -319,9 +327,6 @@ uint64_t store_alloc(struct mc_session *s, uint32_t len, void **ptr)
 	if (st->st.bytes_used > st->st.bytes_peak)
 		st->st.bytes_peak = st->st.bytes_used;
 	pthread_mutex_unlock(&st->lock);
-	global_add(&G.blobs, 1);
-	global_add(&G.bytes_compressed, len);
-	global_add(&G.bytes_slots, class_size(cls));
 	if (used) {
 		uint64_t now = atomic_fetch_add(&G.bytes_used, used) + used, peak = atomic_load(&G.bytes_peak);
 		while (now > peak && !atomic_compare_exchange_weak(&G.bytes_peak, &peak, now))
@@ -329,6 +334,8 @@ uint64_t store_alloc(struct mc_session *s, uint32_t len, void **ptr)
 	}
 	off = chunk_off(id) + (uint64_t)slot * class_size(cls);
 	*ptr = st->base + off;
+	if (fresh) /* one call maps the chunk's pages: cheaper than a shmem fault for each */
+		madvise(st->base + chunk_off(id), PCS_CHUNK, MADV_POPULATE_WRITE);
 	return off / PCS_BLOB_ALIGN;
 }
 
@@ -361,13 +368,8 @@ void store_free(struct mc_session *s, uint64_t handle, uint32_t len)
 		list_push(st, id);
 	}
 	pthread_mutex_unlock(&st->lock);
-	global_add(&G.blobs, -1);
-	global_add(&G.bytes_compressed, -(int64_t)len);
-	global_add(&G.bytes_slots, -(int64_t)class_size(cls));
-	if (freed) {
+	if (freed)
 		global_add(&G.bytes_used, -freed);
-		global_add(&G.chunks, -1);
-	}
 }
 
 /* Does `handle` name a blob of `len` bytes inside this store's chunks? */
@@ -379,12 +381,18 @@ bool store_handle_ok(const struct mc_session *s, uint64_t handle, uint32_t len)
 
 void mc_store_get_stats(struct mc_store_stats *out)
 {
-	*out = (struct mc_store_stats){.sessions = atomic_load(&G.sessions),
-				       .blobs = atomic_load(&G.blobs),
-				       .bytes_compressed = atomic_load(&G.bytes_compressed),
-				       .bytes_slots = atomic_load(&G.bytes_slots),
-				       .bytes_used = atomic_load(&G.bytes_used),
-				       .bytes_peak = atomic_load(&G.bytes_peak),
-				       .chunks = atomic_load(&G.chunks),
-				       .index_bytes = atomic_load(&G.index_bytes)};
+	*out = (struct mc_store_stats){.bytes_used = atomic_load(&G.bytes_used),
+				       .bytes_peak = atomic_load(&G.bytes_peak)};
+	pthread_mutex_lock(&G.lock);
+	for (struct store *st = G.first; st; st = st->next) {
+		pthread_mutex_lock(&st->lock);
+		out->sessions++;
+		out->blobs += st->st.blobs;
+		out->bytes_compressed += st->st.bytes_compressed;
+		out->bytes_slots += st->st.bytes_slots;
+		out->chunks += st->st.chunks;
+		out->index_bytes += st->index_chunks * PCS_CHUNK;
+		pthread_mutex_unlock(&st->lock);
+	}
+	pthread_mutex_unlock(&G.lock);
 }
