@@ -35,7 +35,21 @@ class LocalDaemon:
     def __enter__(self) -> "LocalDaemon":
         self.work = Path(tempfile.mkdtemp(prefix=self.prefix))
         self.sock, self.mnt, self.log = self.work / "memfs.sock", self.work / "mnt", self.work / "daemon.log"
-        out = open(self.log, "w") if self.log_to_file else None
+        self._start()
+        return self
+
+    def restart(self) -> None:
+        """Another daemon on the same socket and mountpoint (after this one died: kill())."""
+        self._start()
+
+    def kill(self) -> None:
+        """SIGKILL: the daemon gets no chance to hand anything back."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def _start(self) -> None:
+        out = open(self.log, "a") if self.log_to_file else None
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", *self.command],
                                          env=dict(os.environ, MEMFS_NO_BOOTSTRAP="1"), cwd=ROOT,
@@ -44,13 +58,18 @@ class LocalDaemon:
             if out:
                 out.close()
         deadline = time.monotonic() + 30
-        while not (self.mnt / "version").exists():
+        while not self._up():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 why = self.log.read_text() if self.log_to_file else "see its messages above"
                 self.__exit__(None, None, None)
                 raise DaemonFailed(f"the daemon did not start: {why}")
             time.sleep(0.05)
-        return self
+
+    def _up(self) -> bool:
+        try:
+            return (self.mnt / "version").exists()
+        except OSError:
+            return False  # the stale mount of a daemon that died: the new one clears it
 
     @property
     def pid(self) -> int:

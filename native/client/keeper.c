@@ -73,7 +73,7 @@ struct uffdio_poison {
 
 #define KEEP_BATCH 64
 #define RETRY_CAP 1024
-#define READAHEAD 15              /* pages restored after a sequential fault */
+#define READAHEAD 63              /* pages restored after a sequential fault */
 #define RECONNECT_FIRST_MS 50     /* a restarted daemon is looked for this soon, */
 #define RECONNECT_MAX_MS 2000     /* then at doubling intervals up to this */
 
