@@ -39,11 +39,9 @@ def test_renders_without_warnings(page):
 
 
 def test_every_file_counter_setting_and_event_is_in_memfs_5():
-    from memfs.access.damon import DamonSource
-    from memfs.access.sampler import Sampler
-    from memfs.policy import Policy
+    from memfs.counters import COUNTERS
     w = words("memfs.5")
-    counted = set(core.COUNTER_NAMES) | set(DamonSource.COUNTERS) | set(Sampler.COUNTERS) | set(Policy.COUNTERS)
+    counted = set(COUNTERS)  # every counter there is (tests/unit/test_names.py: every one kept is there)
     wanted = (set(ROOT_FILES) | set(SESSION_FILES) | set(RANGE_FILES) | counted
               | set(SETTINGS) | set(GLOBAL_EVENTS) | set(SESSION_EVENTS) | set(core.STATES)
               | set(core.TRACE_KINDS.values()) | {"by-pid/<pid>", "all", "cold", "compress", "evict", "prefetch"})
