@@ -14,7 +14,7 @@ order.  Per read it prints the target's figures (p50, p99, touches over
 the fault thread's scheduling policy when the read began (idle: SCHED_IDLE,
 following the target; other: ordinary, unpinned) and how often the session's
 `fault_thread_starved` fired since the last read.  A read that met a slow
-stretch (README, "What a random-fault p99 is made of") shows as many slow
+stretch (docs/design.md, "Where the fault thread runs") shows as many slow
 touches and more CPU in both threads, on the same pages as a good read.
 `--hog` runs, before each evict, a second target's page-out and read-back
 through zram, as `memfs bench` runs zram's steps between memfs's.

@@ -48,8 +48,8 @@ log = logging.getLogger("memfs.policy")
 
 MAX_BACKOFF = 64
 MAX_IDLE_ROUNDS = 60
-# 8 MiB of pages: about 0.1 s of CPU for text-like pages here (1 GiB of text took
-# 13.5-15.9 s of daemon CPU in the BENCHMARKS.md of commits 8c44768 and 4d11289), so a
+# 8 MiB of pages: about 0.1 s of CPU for text-like pages here (recompressing 1 GiB of
+# text takes 13-16 s of the daemon's CPU: memfs bench, its recompress table), so a
 # tenth of a CPU per session at the default round of 1 s
 RECOMPRESS_ROUND_PAGES = 2048
 PRESENT = CANDIDATES["evict"].states  # resident and clean
