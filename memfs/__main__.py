@@ -6,7 +6,7 @@ step only when missing or stale), then re-runs itself inside the venv.
 """
 import sys
 
-from ._bootstrap import ensure_environment
+from .dev.bootstrap import ensure_environment
 
 if __name__ == "__main__":
     ensure_environment(sys.argv[1:])

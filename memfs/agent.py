@@ -25,7 +25,7 @@ from typing import Callable
 import trio
 
 from . import protocol
-from .core import NativeSession
+from .core import NativeSession, OpResult
 
 SAMPLE_ANSWER_SECONDS = 5
 FENCE_WORDS = 64  # PCS_FENCE_WORDS: the fence page's words, so at most this many requests in flight
@@ -34,12 +34,12 @@ FENCE_WORDS = 64  # PCS_FENCE_WORDS: the fence page's words, so at most this man
 @dataclass
 class Request:
     kind: str  # "evict" or "sample"
-    body: object  # evict: address runs; sample: moves
+    body: list  # evict: address runs; sample: moves
     answered: trio.Event = field(default_factory=trio.Event)
     status: int = 0
     moved: bytes = b""
     cancelled: bool = False
-    result: object = None  # evict: what completing it did (an OpResult)
+    result: OpResult | None = None  # evict: what completing it did
 
 
 class AgentChannel:
@@ -125,7 +125,7 @@ class AgentChannel:
         """The agent's answer (EVICT_DONE, SAMPLE_DONE)."""
         req = self.in_flight.get(rid)
         if req is None and rid in self._cancelled:
-            return Request(kind, None, cancelled=True)  # we gave up on it; the agent says it did nothing
+            return Request(kind, [], cancelled=True)  # we gave up on it; the agent says it did nothing
         if req is None or req.kind != kind:
             raise protocol.ProtocolError(errno.EINVAL, f"{kind.upper()}_DONE for unknown request {rid}")
         if kind == "sample" and len(moved) != (len(req.body) + 7) // 8:

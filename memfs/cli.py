@@ -33,6 +33,7 @@ def cmd_serve(args) -> int:
     from .config import SETTINGS, Config
     from .daemon import Daemon
     from .fs import serve_fs
+    from .notify import notify
 
     setup_logging(args.verbose)
     try:
@@ -56,7 +57,10 @@ def cmd_serve(args) -> int:
             if args.mount:
                 await nursery.start(serve_fs, daemon, args.mount, args.allow_other, stop.set)
             nursery.start_soon(on_signals)
+            notify(READY=1, MAINPID=os.getpid(), STATUS=f"listening on {args.socket}"
+                   + (f", mounted at {args.mount}" if args.mount else ""))
             await stop.wait()
+            notify(STOPPING=1, STATUS=f"handing {len(daemon.sessions)} sessions back")
             await daemon.shutdown()
             nursery.cancel_scope.cancel()
 
@@ -71,35 +75,64 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_stop(args) -> int:
+    """SIGTERM to the daemon listening on --socket (found by SO_PEERCRED, signalled
+    through a pidfd: no pid is reused under us), then wait until it has exited."""
+    import select
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(5)
+        try:
+            s.connect(args.socket)
+        except OSError as e:
+            print(f"memfs stop: {args.socket}: {e.strerror or e}: no daemon listening", file=sys.stderr)
+            return 0 if isinstance(e, (FileNotFoundError, ConnectionRefusedError)) else 1
+        pid, uid, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if uid != os.geteuid():
+            print(f"memfs stop: {args.socket} is served by pid {pid} of uid {uid}, not ours", file=sys.stderr)
+            return 1
+        pidfd = os.pidfd_open(pid)
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        if not select.select([pidfd], [], [], args.timeout)[0]:
+            print(f"memfs stop: pid {pid} still running after {args.timeout:g} s", file=sys.stderr)
+            return 1
+    finally:
+        os.close(pidfd)
+    return 0
+
+
 def cmd_demo(args) -> int:
-    from .demo import run
+    from .dev.demo import run
     return run(args.mb, args.pattern, args.keep)
 
 
 def load_bench():
-    """bench/zram_vs_memfs.py, which lives beside the package, not in it."""
-    import importlib.util
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("zram_vs_memfs", os.path.join(root, "bench", "zram_vs_memfs.py"))
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses look their module up
-    spec.loader.exec_module(bench)
-    return bench
+    """The side-by-side benchmark (memfs/bench/zram_vs_memfs.py)."""
+    from .bench import zram_vs_memfs
+    return zram_vs_memfs
 
 
 def cmd_bench(args) -> int:
-    return load_bench().main(args.bench_args)
+    from . import bench
+    return bench.main(args.bench_args)
 
 
 def cmd_test(args) -> int:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from . import native
+    root = native.checkout()
+    if root is None:
+        print("memfs test: the tests run from a source checkout (python3 -m memfs test there)", file=sys.stderr)
+        return 2
     os.chdir(root)
     os.execv(sys.executable, [sys.executable, "-m", "pytest", *args.pytest_args])
     return 1
 
 
 def cmd_test_vm(args) -> int:
-    from .vm import main
+    from .dev.vm import main
     return main(args.pytest_args)
 
 
@@ -123,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{setting.doc} (default {setting.format(setting.default)})")
     s.set_defaults(func=cmd_serve)
 
+    st = sub.add_parser("stop", help="stop the daemon: it hands every session back, then exits")
+    st.add_argument("--socket", default=os.environ.get("PREDICOMP_SOCKET") or protocol.DEFAULT_SOCKET,
+                    help=f"the daemon's socket (default $PREDICOMP_SOCKET or {protocol.DEFAULT_SOCKET})")
+    st.add_argument("--timeout", type=float, default=90, metavar="SECONDS",
+                    help="how long to wait for it to exit (default 90)")
+    st.set_defaults(func=cmd_stop)
+
     d = sub.add_parser("demo", help="start a daemon and a target, then compress, evict, prefetch and recompress through the filesystem")
     d.add_argument("--mb", type=int, default=256, help="size of the demo target's memory (default 256)")
     d.add_argument("--pattern", default="mixed", choices=("mixed", "text", "ints", "random", "zero"),
@@ -130,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--keep", action="store_true", help="leave the daemon running and mounted at the end")
     d.set_defaults(func=cmd_demo)
 
-    b = sub.add_parser("bench", help="memfs and zram side by side on the same data (bench/zram_vs_memfs.py; "
-                       "its options follow)", add_help=False)
+    b = sub.add_parser("bench", help="memfs and zram side by side on the same data (its options follow), "
+                       "or `bench TOOL`: fuzz, alone, compare-builds, random-reads", add_help=False)
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
 

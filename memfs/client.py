@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from typing import Any
 
 from ._client import ffi, lib
 
@@ -72,7 +73,7 @@ class Client:
         """Ask for [offset, offset+length) of a registered buffer (default: the first) to be restored."""
         if not self._buffers:
             raise OSError(22, "nothing registered")
-        ptr = self._buffers[0][1]
+        ptr: Any = self._buffers[0][1]  # a cffi pointer
         if buffer is not None:
             for buf, p, _ in self._buffers:
                 if buf is buffer:

@@ -22,6 +22,7 @@ import trio
 from . import selection
 from .core import OpResult
 from .pager import SessionEnded
+from .states import State
 
 VERBS = ("compress", "evict", "prefetch", "recompress")
 
@@ -45,7 +46,7 @@ def parse_command(text: str) -> Command:
 
 
 def _operation(session, verb: str):
-    if session.state != "running" or session.pager is None or session.pager.closed:
+    if session.state is not State.RUNNING or session.pager is None or session.pager.closed:
         raise SessionEnded()
     return {"compress": session.pager.compress, "evict": session.pager.evict,
             "prefetch": session.pager.prefetch, "recompress": session.pager.recompress}[verb]
@@ -71,8 +72,8 @@ async def run_on_session(session, cmd: Command, range_index: int | None = None,
 
 def _shares(sessions, verb: str, wanted: int) -> dict:
     """Split `wanted` pages over sessions, oldest pages first across all of them."""
-    c = selection.CANDIDATES[verb]
-    hists = {s: s.native.age_hist(None, c.states, skip=c.skip) for s in sessions}
+    cand = selection.CANDIDATES[verb]
+    hists = {s: s.native.age_hist(None, cand.states, skip=cand.skip) for s in sessions}
     classes = len(next(iter(hists.values()))) if hists else 0
     order = range(classes - 1, -1, -1) if verb != "prefetch" else range(classes)
     share = dict.fromkeys(sessions, 0)
@@ -97,7 +98,7 @@ async def run_on_all(daemon, cmd: Command) -> OpResult:
     """Apply a command to every running session (wp-only ones are skipped by evict)."""
     if cmd.selector.kind in ("pages", "addr"):
         raise OSError(errno.EINVAL, f"{cmd.selector.kind}= selects pages of one session: use its ctl")
-    sessions = [s for s in list(daemon.sessions.values()) if s.state == "running"
+    sessions = [s for s in list(daemon.sessions.values()) if s.state is State.RUNNING
                 and not (cmd.verb == "evict" and not s.pager.can_free)]
     shares = None
     wanted = 0

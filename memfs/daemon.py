@@ -45,7 +45,7 @@ class Daemon:
         self.sessions_total = 0
         self._next_id = 1
         self.limits = UserLimits(self.config, nofile=raise_nofile())
-        self._ioctl_logged: dict[tuple[int, str], float] = {}
+        self._ioctl_logged: dict[tuple[int, str], tuple[float, int]] = {}  # (when last told, untold count)
         self.limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
         self.ended_totals: Counter = Counter()
         self.ended_hist = [0] * core.HIST_BUCKETS
@@ -104,11 +104,11 @@ class Daemon:
                 else:
                     out[k] += v
         st = core.store_stats()
-        out = dict(out)  # (a Counter's update() adds)
-        out.update(sessions_active=len(self.sessions), sessions_total=self.sessions_total,
+        totals = dict(out)  # (a Counter's update() adds)
+        totals.update(sessions_active=len(self.sessions), sessions_total=self.sessions_total,
                    store_bytes_compressed=st["bytes_compressed"], store_bytes_used=st["bytes_used"],
                    store_bytes_peak=st["bytes_peak"], store_blobs=st["blobs"], index_bytes=st["index_bytes"])
-        return out
+        return totals
 
     def histogram(self) -> list[int]:
         """Fault latencies of all sessions ever."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .config import MAX
+from .config import MAX, Config
 
 MESSAGES_PER_SECOND = 50_000  # per user: far above any client's need, a bound on a flood's CPU
 MESSAGES_BURST = 5_000
@@ -44,7 +44,7 @@ class _Bucket:
 
 @dataclass
 class UserLimits:
-    config: object
+    config: Config
     nofile: int = field(default_factory=lambda: resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     connections: Counter = field(default_factory=Counter)
     sessions: Counter = field(default_factory=Counter)

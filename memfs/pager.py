@@ -21,7 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import trio
 
@@ -171,7 +171,7 @@ class Pager:
         finally:
             began = not req.answered.is_set() and not self.agent.cancel(rid)
         if req.answered.is_set() and not req.cancelled:
-            return req.result
+            return cast(OpResult, req.result)  # an answered evict has one
         if not began:
             raise OSError(errno.ETIMEDOUT, f"the target's agent did not answer within "
                           f"{self._agent_timeout():g} s: its pages stay in it")

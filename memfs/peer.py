@@ -23,6 +23,10 @@ import select
 import socket
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import trio
 
 SO_PEERPIDFD = 77  # Linux 6.5: a pidfd of the process that connected
 CAP_SYS_PTRACE = 19
@@ -41,7 +45,7 @@ class Peer:
     pidfd: int
 
     @classmethod
-    def of(cls, sock: socket.socket) -> "Peer":
+    def of(cls, sock: socket.socket | trio.socket.SocketType) -> "Peer":
         """The connected process (ESRCH if it has exited since it connected)."""
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", creds)

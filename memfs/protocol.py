@@ -13,6 +13,7 @@ import errno
 import os
 import struct
 from dataclasses import dataclass, field
+from typing import Iterable
 
 MAGIC = 0x50434D50
 VERSION = 2
@@ -126,11 +127,15 @@ class SampleDone:
     moved: bytes  # bit i: move i happened
 
 
+# what a frame carries, by type (FORGET: its runs as (range, first, count))
+Body = Hello | Range | Start | Resume | Prefetch | EvictDone | SampleDone | list[tuple[int, int, int]] | None
+
+
 @dataclass
 class Frame:
     type: int
     seq: int
-    body: object = None
+    body: Body = None
     taken: bool = False  # its descriptors were handed on: whoever took them closes them
 
     def fds(self) -> list[int]:
@@ -232,7 +237,7 @@ class FrameReader:
     buf: bytearray = field(default_factory=bytearray)
     fds: list[int] = field(default_factory=list)
 
-    def feed(self, data: bytes, fds: list[int] = ()) -> None:
+    def feed(self, data: bytes, fds: Iterable[int] = ()) -> None:
         self.buf += data
         self.fds.extend(fds)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from . import core
 from .counters import prometheus
+from .states import State
 
 PERCENTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("p999", 0.999))
 
@@ -60,7 +61,7 @@ def session_stat(session) -> dict[str, int]:
     out.update(latency(session.histogram()))
     pages = dict.fromkeys(core.STATES, 0)
     registered = 0
-    if session.native is not None and session.state != "ended":
+    if session.native is not None and session.state is not State.ENDED:
         for info in session.native.ranges():
             registered += info.length
             for state, n in info.pages_in.items():

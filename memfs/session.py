@@ -28,7 +28,6 @@ this session only; the daemon goes on.
 from __future__ import annotations
 
 import array
-import enum
 import errno
 import logging
 import os
@@ -38,6 +37,8 @@ import time
 import trio
 
 from . import protocol, report
+from typing import TYPE_CHECKING, cast
+
 from .agent import AgentChannel
 from .config import SessionConfig
 from .core import HIST_BUCKETS, PAGE_SIZE, NativeSession
@@ -45,6 +46,10 @@ from .events import EventCounts, first_of
 from .pager import Pager
 from .peer import Peer, PeerGone
 from .policy import Policy
+from .states import State
+
+if TYPE_CHECKING:
+    from .access import AccessSource
 
 log = logging.getLogger("memfs.session")
 summary_log = logging.getLogger("memfs.summary")
@@ -57,16 +62,6 @@ SESSION_EVENTS = ("compress", "evict", "prefetch", "recompress", "prefetch_dropp
                   "ended")
 MAX_FD_PER_RECV = 4  # the most descriptors a message carries is 2 (RESUME)
 RESUMED = ("takeovers", "agent_faults", "resumes")  # what a resumed target reports of its time alone
-
-
-class State(str, enum.Enum):
-    CONNECTING = "connecting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    ENDED = "ended"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def check_ranges(peer: Peer, ranges: list[protocol.Range]) -> None:
@@ -137,7 +132,7 @@ class Session:
         self.native: NativeSession | None = None
         self.agent: AgentChannel | None = None
         self.pager: Pager | None = None
-        self.access = None  # its AccessSource, once running
+        self.access: AccessSource | None = None  # once running
         self.policy: Policy | None = None
         self.started = time.time()
         self.end_reason = ""
@@ -187,7 +182,7 @@ class Session:
     async def _recv(self) -> bool:
         """Read what is available into the frame reader; False at end of stream."""
         data, anc, flags, _ = await self.sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FD_PER_RECV * 4))
-        fds = []
+        fds: list[int] = []
         for level, ctype, cdata in anc:
             if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
                 a = array.array("i")
@@ -255,12 +250,14 @@ class Session:
 
     async def _connect(self) -> bool:
         """The handshake; True once the session runs."""
-        hello, ranges, forget = None, [], []
+        hello: protocol.Hello | None = None
+        ranges: list[protocol.Range] = []
+        forget: list[tuple[int, int, int]] = []
         while (fr := await self._next_frame()) is not None:
             if hello is None:
                 if fr.type != protocol.HELLO:
                     raise protocol.ProtocolError(errno.EPROTO, f"expected HELLO, got {protocol.NAMES.get(fr.type)}", fr.seq)
-                hello = fr.body
+                hello = cast(protocol.Hello, fr.body)
                 # the connecting process itself, alive: nothing about another pid is read or told
                 if hello.pid != self.pid or not self.peer.alive():
                     raise protocol.ProtocolError(errno.EPERM, "HELLO must name the connecting process, alive",
@@ -270,14 +267,15 @@ class Session:
             elif len(ranges) < hello.nranges:
                 if fr.type != protocol.RANGE:
                     raise protocol.ProtocolError(errno.EPROTO, f"expected RANGE {len(ranges)} of {hello.nranges}, got {protocol.NAMES.get(fr.type)}", fr.seq)
-                if not fr.body.flags & protocol.RANGE_STAGING and (
-                        fr.body.index >= protocol.STORE_MAX_RANGES
-                        or any(r.index == fr.body.index and not r.flags & protocol.RANGE_STAGING for r in ranges)):
-                    raise protocol.ProtocolError(errno.EINVAL, f"RANGE index {fr.body.index}: repeated or "
+                rng = cast(protocol.Range, fr.body)
+                if not rng.flags & protocol.RANGE_STAGING and (
+                        rng.index >= protocol.STORE_MAX_RANGES
+                        or any(r.index == rng.index and not r.flags & protocol.RANGE_STAGING for r in ranges)):
+                    raise protocol.ProtocolError(errno.EINVAL, f"RANGE index {rng.index}: repeated or "
                                                  f"not below {protocol.STORE_MAX_RANGES}", fr.seq)
-                ranges.append(fr.body)
+                ranges.append(rng)
             elif fr.type == protocol.FORGET:
-                forget += fr.body
+                forget += cast(list, fr.body)
                 if len(forget) > protocol.MAX_FORGET_RUNS:
                     raise protocol.ProtocolError(errno.EINVAL, f"more than {protocol.MAX_FORGET_RUNS} FORGET runs", fr.seq)
             elif fr.type == protocol.START and not forget:
@@ -295,7 +293,7 @@ class Session:
                 fr.taken = True  # closed below (the uffd: unless the native session took it)
                 try:
                     self._check_indexes(ranges, hello, sequential=False, seq=fr.seq)
-                    return await self._resume(hello, ranges, forget, fr.body, fr.seq)
+                    return await self._resume(hello, ranges, forget, cast(protocol.Resume, fr.body), fr.seq)
                 finally:
                     _close(fr.body.store)
                     if self.native is None:
@@ -334,12 +332,12 @@ class Session:
             raise protocol.ProtocolError(errno.EBADF, "the descriptor passed is not a userfaultfd", seq)
         if not features & UFFD_FEATURE_PAGEFAULT_FLAG_WP:
             raise protocol.ProtocolError(errno.EOPNOTSUPP, "userfaultfd without write-protect support", seq)
-        check_ranges(self.peer, ranges + ([staging] if staging else []))
+        check_ranges(cast(Peer, self.peer), ranges + ([staging] if staging else []))
         registered = sum(r.length for r in ranges)
         try:
             self.daemon.limits.start_session(self.uid, registered)
         except OSError as e:
-            raise protocol.ProtocolError(e.errno, e.strerror, seq)
+            raise protocol.ProtocolError(e.errno or errno.EINVAL, e.strerror or str(e), seq)
         self.registered = registered
         self.caps = hello.caps
         self.id = self.daemon.new_session_id()
@@ -403,6 +401,7 @@ class Session:
 
     def _begin_running(self) -> None:
         native = self.native
+        assert native is not None, "running without a native session"
         if self.caps & protocol.CAP_AGENT:
             self.agent = AgentChannel(native, self.send, self.next_seq)
         self.pager = Pager(native, self.agent, self.daemon.limiter,
@@ -438,8 +437,8 @@ class Session:
             if kind == "stop":
                 await self._try_send(protocol.encode_ack(self.next_seq(), protocol.STOP, 0))
             elif kind == "error":
-                e = self._end_error
-                await self._try_send(protocol.encode_err(self.next_seq(), e.err, e.text, e.seq))
+                err = self._end_error
+                await self._try_send(protocol.encode_err(self.next_seq(), err.err, err.text, err.seq))
             elif kind == "shutdown":
                 await self._try_send(protocol.encode_err(self.next_seq(), errno.ESHUTDOWN, "memfs daemon shutting down"))
             nursery.cancel_scope.cancel()

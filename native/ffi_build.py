@@ -3,7 +3,7 @@ memfs._client (libpredicomp_client for Python targets).
 
 Each module's cdef is read from the C header it binds, so the struct
 layouts Python sees are the compiler's; `make` runs this after building
-the static libraries.
+the static libraries, as `ffi_build.py BUILD_DIR PACKAGE_DIR`.
 """
 import re
 import shutil
@@ -13,8 +13,8 @@ from pathlib import Path
 import cffi
 
 HERE = Path(__file__).resolve().parent
-BUILD = HERE / "build"
-PACKAGE = HERE.parent / "memfs"
+BUILD = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else HERE / "build"
+PACKAGE = Path(sys.argv[2]).resolve() if len(sys.argv) > 2 else HERE.parent / "memfs"
 
 
 def cdef_of(header: Path, skip=()) -> str:

@@ -81,10 +81,10 @@ def test_bench_refuses_when_swap_is_in_use(tmp_path):
 
 
 def test_random_reads_prints_a_row_per_read_with_both_threads_cpu():
-    """bench/random_reads.py (with zram's steps between reads, --hog): one row per
+    """memfs bench random-reads (with zram's steps between reads, --hog): one row per
     read, each with the CPU both threads of the fault path used in it (a thread it
     could not find would be 0 or an error) and the fault thread's policy."""
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "random_reads.py"), "--dataset", "mixed",
+    r = subprocess.run([sys.executable, "-m", "memfs", "bench", "random-reads", "--dataset", "mixed",
                         "--mb", "16", "--reads", "3", "--hog"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -98,10 +98,10 @@ def test_random_reads_prints_a_row_per_read_with_both_threads_cpu():
 
 
 def test_socket_fuzz_leaves_the_daemon_as_it_found_it(tmp_path):
-    """bench/fuzz_socket.py, small: generated frames, then the daemon's descriptors and
+    """memfs bench fuzz, small: generated frames, then the daemon's descriptors and
     memory as before and a good client served (the full run is 10^5 frames: bench/FUZZ.md)."""
     out = tmp_path / "FUZZ.md"
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "fuzz_socket.py"), "--frames", "5000", "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "memfs", "bench", "fuzz", "--frames", "5000", "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "verdict: passed" in r.stdout and "| frames sent | " in out.read_text()

@@ -56,7 +56,7 @@ def test_every_command_and_option_is_in_memfs_8():
     for name, p in sub.choices.items():
         if name not in w:
             missing.add(name)
-        # bench parses its own options (bench/zram_vs_memfs.py): those too
+        # bench parses its own options (memfs/bench/zram_vs_memfs.py): those too
         parsers = [p, cli.load_bench().build_parser()] if name == "bench" else [p]
         for action in (a for q in parsers for a in q._actions):
             missing |= {o for o in action.option_strings if o not in ("-h", "--help") and o not in w}

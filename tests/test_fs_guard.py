@@ -6,6 +6,7 @@ import pytest
 
 from memfs.fs.operations import Operations
 from memfs.fs.tree import Tree
+from memfs.fs.view import DaemonView
 
 
 class BrokenTree(Tree):
@@ -14,7 +15,7 @@ class BrokenTree(Tree):
 
 
 async def test_unexpected_exception_becomes_eio(daemon, caplog):
-    ops = Operations(BrokenTree(daemon))
+    ops = Operations(BrokenTree(DaemonView(daemon)))
     with pytest.raises(pyfuse3.FUSEError) as e:
         await ops.getattr(pyfuse3.ROOT_INODE, None)
     assert e.value.errno == errno.EIO
@@ -22,7 +23,7 @@ async def test_unexpected_exception_becomes_eio(daemon, caplog):
 
 
 async def test_oserror_keeps_its_errno(daemon):
-    ops = Operations(Tree(daemon))
+    ops = Operations(Tree(DaemonView(daemon)))
     with pytest.raises(pyfuse3.FUSEError) as e:
         await ops.lookup(pyfuse3.ROOT_INODE, b"no-such-file", None)
     assert e.value.errno == errno.ENOENT

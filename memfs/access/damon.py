@@ -98,7 +98,7 @@ class Damon:
     def _identity(self, k: int) -> dict:
         """What marks kdamond k as the one we configured (our update_us is unusual)."""
         ctx = self.kdamonds / str(k) / "contexts" / "0"
-        ident = {}
+        ident: dict[str, str | None] = {}
         for key, path in (("ops", ctx / "operations"),
                           ("target", ctx / "targets" / "0" / "pid_target"),
                           ("update_us", ctx / "monitoring_attrs" / "intervals" / "update_us")):
@@ -200,7 +200,8 @@ class Damon:
         base = self.kdamonds / str(k) / "contexts" / "0" / "schemes" / "0" / "tried_regions"
         out = []
         for d in sorted((p for p in base.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)):
-            out.append(tuple(int(_read(d / f)) for f in ("start", "end", "nr_accesses", "age")))
+            start, end, nr, age = (int(_read(d / f)) for f in ("start", "end", "nr_accesses", "age"))
+            out.append((start, end, nr, age))
         return out
 
 

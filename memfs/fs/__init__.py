@@ -20,6 +20,7 @@ import trio
 
 from .operations import Operations
 from .tree import Tree
+from .view import DaemonView
 
 log = logging.getLogger("memfs.fs")
 
@@ -63,7 +64,7 @@ async def serve_fs(daemon, mountpoint: str, allow_other: bool = False, on_unmoun
     (fusermount3 -u, lazy or not), call on_unmounted: the daemon's stop request,
     as s3ql and sshfs take it."""
     prepare_mountpoint(mountpoint)
-    ops = Operations(Tree(daemon, allow_other))
+    ops = Operations(Tree(DaemonView(daemon), allow_other))
     options = {"fsname=memfs", "subtype=memfs", "nosuid", "nodev", "noexec"}
     if allow_other:
         options.add("allow_other")

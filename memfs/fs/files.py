@@ -12,11 +12,21 @@ from __future__ import annotations
 import errno
 import select
 
+from typing import TYPE_CHECKING, Awaitable, Callable
+
 import pyfuse3
 import trio
 
 from .. import PROTOCOL_VERSION, __version__, control, report
 from ..core import PAGE_SIZE, SHOWN_STATES
+from .view import DaemonView, is_live
+
+if TYPE_CHECKING:
+    from ..config import Config, SessionConfig
+    from ..core import RangeInfo
+    from ..events import EventCounts
+    from ..session import Session
+    from .tree import Opener
 
 READY = select.POLLIN | select.POLLRDNORM | select.POLLPRI
 
@@ -28,18 +38,30 @@ def fuse_error(e: int) -> pyfuse3.FUSEError:
 class Handle:
     """One open file: its node, its opener and what it has read so far."""
 
-    def __init__(self, tree, key, kind, opener):
-        self.tree = tree
+    def __init__(self, view: DaemonView, key: tuple, kind: FileKind, opener: Opener, session: Session | None):
+        self.view = view
         self.key = key
         self.kind = kind
-        self.opener = opener  # tree.Opener: pid, uid, gid
-        self.session = tree.session(key[1]) if key[0] in ("s", "sconfig", "r") else None
+        self.opener = opener
+        self.session = session  # the session the file belongs to (None for the daemon's own)
         self.snapshot: bytes | None = None
         self.generation = -1
         self.cursor = 0
         self.pending = b""
         self.started = False
         self.partial: tuple[int, bytes] | None = None  # pages: (offset, line) a read ended inside
+
+    def own(self) -> Session:
+        """The file's session, ended or not: what it said last stays readable."""
+        assert self.session is not None, "a session's file opened without its session"
+        return self.session
+
+    def live(self) -> Session:
+        """The file's session, ESRCH if it has ended since the open."""
+        if not is_live(self.session):
+            raise fuse_error(errno.ESRCH)
+        assert self.session is not None
+        return self.session
 
 
 class FileKind:
@@ -49,7 +71,7 @@ class FileKind:
     reveals_memory = False  # pages, data, trace: the rule of /proc/<pid>/mem (Tree.check_open)
     nonseekable = False
 
-    def size(self, tree, key) -> int:
+    def size(self, view: DaemonView, key: tuple) -> int:
         return 0
 
     async def read(self, h: Handle, off: int, size: int) -> bytes:
@@ -58,19 +80,19 @@ class FileKind:
     async def write(self, h: Handle, off: int, data: bytes) -> int:
         raise fuse_error(errno.EACCES)
 
-    def poll(self, h: Handle, ph) -> int:
+    def poll(self, h: Handle, ph: pyfuse3.PollHandle | None) -> int:
         return READY
 
 
 class Generated(FileKind):
-    """A text rendered from current values; `render(tree, key, handle)` -> str."""
+    """A text rendered from current values by `render(handle)`."""
 
-    def __init__(self, render):
+    def __init__(self, render: Callable[[Handle], str]):
         self.render = render
 
-    async def read(self, h, off, size):
+    async def read(self, h: Handle, off: int, size: int) -> bytes:
         if off == 0 or h.snapshot is None:
-            h.snapshot = self.render(h.tree, h.key, h).encode()
+            h.snapshot = self.render(h).encode()
         return h.snapshot[off:off + size]
 
 
@@ -93,17 +115,17 @@ class Events(Generated):
     """Flat keyed counts; poll(2) reports the file readable once they changed
     after this handle last read it at offset 0 (then: lseek to 0, read again)."""
 
-    def __init__(self, events_of):
+    def __init__(self, events_of: Callable[[Handle], EventCounts]):
         self.events_of = events_of
-        super().__init__(lambda tree, key, h: self._render(tree, key, h))
+        super().__init__(self._render)
 
-    def _render(self, tree, key, h):
-        ev = self.events_of(tree, key, h)
+    def _render(self, h: Handle) -> str:
+        ev = self.events_of(h)
         h.generation = ev.generation
         return ev.render()
 
-    def poll(self, h, ph):
-        ev = self.events_of(h.tree, h.key, h)
+    def poll(self, h: Handle, ph: pyfuse3.PollHandle | None) -> int:
+        ev = self.events_of(h)
         if h.generation == -1:  # not read yet: take the current state as seen
             h.generation = ev.generation
         if ev.generation != h.generation:
@@ -118,10 +140,10 @@ class Ctl(FileKind):
     readable = False
     writable = True
 
-    def __init__(self, run):
-        self.run = run  # run(handle, command) -> awaitable
+    def __init__(self, run: Callable[[Handle, control.Command], Awaitable[None]]):
+        self.run = run
 
-    async def write(self, h, off, data):
+    async def write(self, h: Handle, off: int, data: bytes) -> int:
         if off != 0:
             raise fuse_error(errno.EINVAL)  # one command per write, from the start
         try:
@@ -138,11 +160,11 @@ class Setting(Generated):
     mode = 0o644
     writable = True
 
-    def __init__(self, config_of):
+    def __init__(self, config_of: Callable[[Handle], Config | SessionConfig]):
         self.config_of = config_of
-        super().__init__(lambda tree, key, h: config_of(tree, key, h).render(key[-1]))
+        super().__init__(lambda h: config_of(h).render(h.key[-1]))
 
-    async def write(self, h, off, data):
+    async def write(self, h: Handle, off: int, data: bytes) -> int:
         if off != 0:
             raise fuse_error(errno.EINVAL)
         try:
@@ -151,14 +173,8 @@ class Setting(Generated):
             raise fuse_error(errno.EINVAL)
         if len([line for line in text.split("\n") if line.strip()]) != 1:
             raise fuse_error(errno.EINVAL)
-        self.config_of(h.tree, h.key, h).set(h.key[-1], text)
+        self.config_of(h).set(h.key[-1], text)
         return len(data)
-
-
-def _live(h: Handle):
-    if h.session is None or h.session.state == "ended":
-        raise fuse_error(errno.ESRCH)
-    return h.session
 
 
 class Pages(FileKind):
@@ -174,12 +190,12 @@ class Pages(FileKind):
         width = len(str(max(npages - 1, 0)))
         return width, width + 1 + 10 + 1 + 4 + 1 + 10 + 1
 
-    def size(self, tree, key):
-        n = tree.range_info(key[1], key[2]).npages
+    def size(self, view: DaemonView, key: tuple) -> int:
+        n = view.range(key[1], key[2]).npages
         return n * self.geometry(n)[1]
 
-    async def read(self, h, off, size):
-        s = _live(h)
+    async def read(self, h: Handle, off: int, size: int) -> bytes:
+        s = h.live()
         n = h.key[2]
         npages = s.native.range_info(n).npages
         width, line = self.geometry(npages)
@@ -208,11 +224,11 @@ class Data(FileKind):
     mode = 0o400
     reveals_memory = True
 
-    def size(self, tree, key):
-        return tree.range_info(key[1], key[2]).length
+    def size(self, view: DaemonView, key: tuple) -> int:
+        return view.range(key[1], key[2]).length
 
-    async def read(self, h, off, size):
-        s = _live(h)
+    async def read(self, h: Handle, off: int, size: int) -> bytes:
+        s = h.live()
         n = h.key[2]
         length = s.native.range_info(n).length
         if off >= length:
@@ -220,7 +236,7 @@ class Data(FileKind):
         end = min(off + size, length)
         first, last = off // PAGE_SIZE, (end - 1) // PAGE_SIZE
         data = await trio.to_thread.run_sync(s.native.read_data, n, first, last - first + 1,
-                                             limiter=h.tree.daemon.limiter)
+                                             limiter=h.view.limiter)
         return data[off - first * PAGE_SIZE:end - first * PAGE_SIZE]
 
 
@@ -247,10 +263,10 @@ class Trace(FileKind):
     reveals_memory = True
     nonseekable = True
 
-    async def read(self, h, off, size):
+    async def read(self, h: Handle, off: int, size: int) -> bytes:
         while not h.pending:
             s = h.session
-            if s is None or s.state == "ended":
+            if s is None or not is_live(s):
                 return b""  # the session is over: end of file
             events, h.cursor, missed = s.native.trace_read(h.cursor, 512)
             lines = [f"# {missed} events missed\n"] if missed and h.started else []
@@ -266,26 +282,22 @@ class Trace(FileKind):
         out, h.pending = h.pending[:size], h.pending[size:]
         return out
 
-    def poll(self, h, ph):
-        return READY if h.pending or (h.session and h.session.state == "ended") else 0
+    def poll(self, h: Handle, ph: pyfuse3.PollHandle | None) -> int:
+        return READY if h.pending or not is_live(h.session) else 0
 
 
 # -- what the files say ---------------------------------------------------------------
 
-def _session(tree, key, h):
-    return h.session if h is not None and h.session is not None else tree.session(key[1])
+async def _run_all(h: Handle, cmd: control.Command) -> None:
+    await h.view.run_all(cmd)
 
 
-async def _run_all(h, cmd):
-    await control.run_on_all(h.tree.daemon, cmd)
+async def _run_session(h: Handle, cmd: control.Command) -> None:
+    await h.view.run(h.live(), cmd)
 
 
-async def _run_session(h, cmd):
-    await control.run_on_session(_live(h), cmd)
-
-
-async def _run_range(h, cmd):
-    await control.run_on_session(_live(h), cmd, range_index=h.key[2])
+async def _run_range(h: Handle, cmd: control.Command) -> None:
+    await h.view.run(h.live(), cmd, range_index=h.key[2])
 
 
 def _flag_names(flags: int) -> str:
@@ -293,41 +305,43 @@ def _flag_names(flags: int) -> str:
     return " ".join(names) + "\n"
 
 
-def _range_line(render):
-    return Generated(lambda tree, key, h: render(_session(tree, key, h).native.range_info(key[2])) + "\n")
+def _session_line(render: Callable[[Session], object]) -> Generated:
+    return Generated(lambda h: f"{render(h.own())}\n")
 
 
-ROOT_KINDS = {
-    "version": Generated(lambda tree, key, h: f"memfs {__version__} protocol {PROTOCOL_VERSION}\n"),
-    "stat": Generated(lambda tree, key, h: report.flat(report.global_stat(tree.daemon))),
-    "events": Events(lambda tree, key, h: tree.daemon.events),
-    "metrics": Generated(lambda tree, key, h: report.metrics(tree.daemon)),
+def _range_text(render: Callable[[RangeInfo], str]) -> Generated:
+    return Generated(lambda h: render(h.live().native.range_info(h.key[2])))
+
+
+ROOT_FILES: dict[str, FileKind] = {
+    "version": Generated(lambda h: f"memfs {__version__} protocol {PROTOCOL_VERSION}\n"),
+    "stat": Generated(lambda h: h.view.stat_text()),
+    "events": Events(lambda h: h.view.events),
+    "metrics": Generated(lambda h: h.view.metrics_text()),
     "ctl": Ctl(_run_all),
-    "access": Generated(lambda tree, key, h: "".join(f"{k} {v}\n" for k, v in tree.daemon.access.describe().items())),
+    "access": Generated(lambda h: h.view.access_text()),
 }
-CONFIG = Setting(lambda tree, key, h: tree.daemon.config)
-SESSION_CONFIG = Setting(lambda tree, key, h: _session(tree, key, h).config)
-SESSION_KINDS = {
-    "pid": Generated(lambda tree, key, h: f"{_session(tree, key, h).pid}\n"),
-    "comm": Generated(lambda tree, key, h: f"{_session(tree, key, h).comm}\n"),
-    "cmdline": Generated(lambda tree, key, h: f"{_session(tree, key, h).cmdline}\n"),
-    "mode": Generated(lambda tree, key, h: f"{_session(tree, key, h).mode}\n"),
-    "state": Generated(lambda tree, key, h: f"{_session(tree, key, h).state}\n"),
-    "stat": Generated(lambda tree, key, h: report.flat(report.session_stat(_session(tree, key, h)))
-                      + f"access_source {_session(tree, key, h).access.name}\n"),
-    "events": Events(lambda tree, key, h: _session(tree, key, h).events),
+CONFIG = Setting(lambda h: h.view.config)
+SESSION_CONFIG = Setting(lambda h: h.live().config)
+SESSION_FILES: dict[str, FileKind] = {
+    "pid": _session_line(lambda s: s.pid),
+    "comm": _session_line(lambda s: s.comm),
+    "cmdline": _session_line(lambda s: s.cmdline),
+    "mode": _session_line(lambda s: s.mode),
+    "state": _session_line(lambda s: s.state),
+    "stat": Generated(lambda h: report.flat(report.session_stat(h.own())) + f"access_source {h.own().access.name}\n"),
+    "events": Events(lambda h: h.own().events),
     "ctl": Ctl(_run_session),
     "trace": Trace(),
 }
-RANGE_KINDS = {
-    "start": _range_line(lambda r: f"0x{r.start:x}"),
-    "length": _range_line(lambda r: f"{r.length}"),
-    "flags": Generated(lambda tree, key, h: _flag_names(_session(tree, key, h).native.range_info(key[2]).flags)),
-    "stat": Generated(lambda tree, key, h: report.flat(report.range_stat(_session(tree, key, h).native.range_info(key[2])))),
+RANGE_FILES: dict[str, FileKind] = {
+    "start": _range_text(lambda r: f"0x{r.start:x}\n"),
+    "length": _range_text(lambda r: f"{r.length}\n"),
+    "flags": _range_text(lambda r: _flag_names(r.flags)),
+    "stat": _range_text(lambda r: report.flat(report.range_stat(r))),
     "pages": Pages(),
-    "heat": Generated(lambda tree, key, h: "".join(
-        f"{r.first} {r.count} {r.nr_accesses} {r.freq_pct} {r.age_ms}\n"
-        for r in _session(tree, key, h).access.heat(key[2]))),
+    "heat": Generated(lambda h: "".join(f"{r.first} {r.count} {r.nr_accesses} {r.freq_pct} {r.age_ms}\n"
+                                        for r in h.live().access.heat(h.key[2]))),
     "data": Data(),
     "ctl": Ctl(_run_range),
 }

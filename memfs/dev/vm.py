@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 CACHE = Path("/var/cache/memfs/vm")
 DEBS = ["qemu-system-x86", "busybox-static", "kmod"]
 KERNEL_PACKAGE = r"linux-image-(6\.12\.\d+\+deb12-amd64)-unsigned"
@@ -36,7 +36,7 @@ def run(cmd, **kw):
 
 
 def ensure_packages() -> None:
-    from ._bootstrap import missing_debs
+    from .bootstrap import missing_debs
     missing = missing_debs(DEBS)
     if missing:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")

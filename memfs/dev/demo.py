@@ -14,10 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .. import native
 from .localdaemon import LocalDaemon, DaemonFailed
 
-ROOT = Path(__file__).resolve().parent.parent
-TARGET = ROOT / "native" / "build" / "memfs-target"
+TARGET = native.path("bin", "memfs-target")
 KEYS = ("rss_anon_bytes", "pages_resident", "pages_clean", "pages_compressed", "pages_zero",
         "store_bytes_logical", "store_bytes_compressed", "store_bytes_used", "faults_missing",
         "restore_ok", "evict_ok", "prefetch_restored")

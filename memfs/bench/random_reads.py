@@ -1,10 +1,10 @@
 """memfs's random read-back, repeated on the same pages: which reads meet a slow
 stretch, and where their time goes.
 
-    .venv/bin/python bench/random_reads.py [--dataset random] [--mb 1024] [--reads 10]
-                                           [--seed 7] [--hog]
+    python3 -m memfs bench random-reads [--dataset random] [--mb 1024] [--reads 10]
+                                        [--seed 7] [--hog]
 
-One daemon and one target (bench/zram_vs_memfs.py's `Memfs` and `Target`),
+One daemon and one target (zram_vs_memfs's `Memfs` and `Target`),
 then `--reads` times the same step as `memfs bench`'s random read: read the
 region back in order, evict, warm free memory, read npages/16 pages at random,
 always with the same seed, so every read restores the same pages in the same
@@ -27,8 +27,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import zram_vs_memfs as bench  # noqa: E402
+from . import zram_vs_memfs as bench
 
 
 def task_dir(pid: int, comm: str | None = None) -> Path:
@@ -51,7 +50,7 @@ def thread_policy(pid: int, comm: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="memfs bench random-reads", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="random", choices=bench.DATASETS)
     p.add_argument("--mb", type=int, default=1024)
     p.add_argument("--reads", type=int, default=10)
@@ -99,4 +98,4 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except bench.BenchError as e:
-        sys.exit(f"random_reads: {e}")
+        sys.exit(f"memfs bench random-reads: {e}")

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 VENV = ROOT / ".venv"
 VENV_PYTHON = VENV / "bin" / "python"
 DEBS = ["fuse3", "libfuse3-dev", "liblz4-dev", "pkg-config", "gcc", "make", "libc6-dev"]

@@ -13,7 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from .. import native
+
 
 
 class DaemonFailed(RuntimeError):
@@ -52,7 +53,7 @@ class LocalDaemon:
         out = open(self.log, "a") if self.log_to_file else None
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", *self.command],
-                                         env=dict(os.environ, MEMFS_NO_BOOTSTRAP="1"), cwd=ROOT,
+                                         env=dict(os.environ, MEMFS_NO_BOOTSTRAP="1"), cwd=native.checkout(),
                                          stdout=out, stderr=out)
         finally:
             if out:
